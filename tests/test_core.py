@@ -1,0 +1,515 @@
+"""Tests of usae_core: model, losses, schedule, training rule, checkpoints, bad input."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import usae_core as core
+import usae_synthetic as synthetic
+
+DIMS = {"a": 6, "b": 8, "c": 5}
+
+
+def tiny_batches(n_batches=4, tokens=32, seed=0, dims=DIMS):
+    generator = torch.Generator().manual_seed(seed)
+    return [{name: torch.randn(tokens, width, generator=generator) * 2 + 0.5
+             for name, width in dims.items()} for _ in range(n_batches)]
+
+
+def snapshot(model):
+    return {key: value.clone() for key, value in model.state_dict().items()}
+
+
+def changed_keys(before, model):
+    after = model.state_dict()
+    return {key for key in before if not torch.equal(before[key], after[key])}
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+
+
+def test_topk_keeps_k_non_negative_codes_per_token():
+    model = core.USAE(DIMS, n_concepts=16, k=3, seed=0)
+    acts = tiny_batches(1, tokens=64)[0]
+    for name in DIMS:
+        encoding = model.encode_full(name, acts[name])
+        assert encoding.codes.shape == (64, 16)
+        assert (encoding.codes >= 0).all()
+        assert ((encoding.codes > 0).sum(dim=1) == 3).all()
+        # The kept codes are the k largest ReLU'd pre-codes of each token.
+        expected = torch.topk(torch.relu(encoding.pre_codes), 3, dim=1).values.sum(dim=1)
+        torch.testing.assert_close(encoding.codes.sum(dim=1), expected)
+        assert torch.equal(encoding.codes.gather(1, encoding.indices),
+                           torch.relu(encoding.pre_codes).gather(1, encoding.indices))
+
+
+def test_dictionary_rows_have_unit_norm_before_and_after_training():
+    model = core.USAE(DIMS, n_concepts=16, k=3, seed=0)
+    for name in DIMS:
+        torch.testing.assert_close(model.dictionary(name).norm(dim=1), torch.ones(16))
+    core.train(model, tiny_batches(), 6, seed=0, lr=0.05, progress=False)
+    for name in DIMS:
+        assert model.dictionary(name).shape == (16, DIMS[name])
+        torch.testing.assert_close(model.dictionary(name).norm(dim=1), torch.ones(16))
+
+
+def test_encode_from_any_model_decodes_into_every_model():
+    model = core.USAE(DIMS, n_concepts=16, k=3, seed=0).eval()
+    acts = tiny_batches(1)[0]
+    outputs = model("b", acts["b"])
+    assert {name: out.shape for name, out in outputs.items()} == {
+        name: (32, width) for name, width in DIMS.items()}
+    codes = model.encode("b", acts["b"])
+    torch.testing.assert_close(model.decode("c", codes),
+                               model.unstandardize("c", codes @ model.dictionary("c")))
+
+
+def test_standardisation_is_one_scalar_mean_and_unbiased_std_per_model():
+    model = core.USAE(DIMS, n_concepts=16, k=3, seed=0)
+    sample = tiny_batches(1, tokens=50)[0]
+    stats = model.fit_standardization(sample)
+    for name in DIMS:
+        values = sample[name].double().numpy()
+        assert stats[name][0] == pytest.approx(values.mean(), rel=1e-12)
+        assert stats[name][1] == pytest.approx(values.std(ddof=1), rel=1e-12)
+        standardized = model.standardize(name, sample[name])
+        expected = (values - values.mean()) / (values.std(ddof=1) + 1e-5)
+        np.testing.assert_allclose(standardized.numpy(), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model.unstandardize(name, standardized), sample[name])
+
+
+def test_training_fits_standardisation_on_the_first_batch_unless_set():
+    batches = tiny_batches()
+    model = core.USAE(DIMS, n_concepts=16, k=3, seed=0)
+    core.train(model, batches, 2, seed=0, progress=False)
+    reference = core.USAE(DIMS, n_concepts=16, k=3, seed=0)
+    assert model.standardization() == reference.fit_standardization(batches[0])
+    preset = core.USAE(DIMS, n_concepts=16, k=3, seed=0)
+    preset.set_standardization({name: (1.0, 2.0) for name in DIMS})
+    core.train(preset, batches, 2, seed=0, progress=False)
+    assert preset.standardization() == {name: (1.0, 2.0) for name in DIMS}
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses against hand computations
+
+
+def hand_inputs():
+    target = torch.tensor([[1.0, -2.0], [0.5, 3.0]])
+    dictionary = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [0.6, -0.8]])
+    pre_codes = torch.tensor([[2.0, -1.0, 0.5, 0.25], [-0.5, 3.0, 1.0, 2.0]])
+    codes = torch.tensor([[2.0, 0.0, 0.0, 0.0], [0.0, 3.0, 0.0, 0.0]])  # k = 1
+    recon = codes @ dictionary
+    return target, recon, pre_codes, codes, dictionary
+
+
+def test_l1_aux_loss_equals_hand_computation():
+    target, recon, pre_codes, codes, dictionary = hand_inputs()
+    # recon = [[2, 0], [0, 3]]; residual = [[-1, -2], [0.5, 0]] -> main = 3.5 / 4.
+    main = (1 + 2 + 0.5 + 0) / 4
+    # Non-selected ReLU'd pre-codes: token 0 [0, 0, 0.5, 0.25], token 1 [0, 0, 1, 2]; the top
+    # n // 2 = 2 of them: token 0 -> 0.5 x D2 + 0.25 x D3 = [0.45, 0.2];
+    # token 1 -> 1 x D2 + 2 x D3 = [1.8, -0.8].
+    aux_recon = [[0.45, 0.2], [1.8, -0.8]]
+    residual = [[-1.0, -2.0], [0.5, 0.0]]
+    aux = sum(abs(residual[t][i] - aux_recon[t][i]) for t in range(2) for i in range(2)) / 4
+    loss = core.l1_aux_loss(target, recon, pre_codes, codes, dictionary)
+    assert loss.item() == pytest.approx(main + 0.1 * aux, rel=1e-6)
+    loss_half = core.l1_aux_loss(target, recon, pre_codes, codes, dictionary, aux_weight=0.5)
+    assert loss_half.item() == pytest.approx(main + 0.5 * aux, rel=1e-6)
+
+
+def test_frobenius_and_mse_losses_equal_hand_computation():
+    target, recon, pre_codes, codes, dictionary = hand_inputs()
+    squares = 1 + 4 + 0.25 + 0
+    assert core.frobenius_loss(target, recon, pre_codes, codes, dictionary).item() == \
+        pytest.approx(math.sqrt(squares))
+    assert core.mse_loss(target, recon, pre_codes, codes, dictionary).item() == \
+        pytest.approx(squares / 4)
+
+
+def test_training_loss_is_the_sum_over_every_target():
+    model = core.USAE(DIMS, n_concepts=16, k=3, seed=0)
+    batch = tiny_batches(1)[0]
+    model.fit_standardization(batch)
+    standardized = {name: model.standardize(name, t) for name, t in batch.items()}
+    trainer = core.Trainer(model, core.TrainConfig(loss="mse"), total_steps=10, seed=0)
+    with torch.no_grad():
+        encoding = model.encode_full("a", standardized["a"], standardized=True)
+        expected = [((standardized[n] - encoding.codes @ model.dictionary(n)) ** 2).mean()
+                    for n in DIMS]
+    losses = trainer.step(standardized, source="a")
+    torch.testing.assert_close(losses, torch.stack(expected))
+
+
+# ----------------------------------------------------------------------------------------------
+# The update rule
+
+
+@pytest.mark.parametrize("source", list(DIMS))
+def test_a_released_step_changes_only_the_source_encoder_and_decoder(source):
+    model = core.USAE(DIMS, n_concepts=16, k=3, seed=0)
+    batch = tiny_batches(1)[0]
+    model.fit_standardization(batch)
+    standardized = {name: model.standardize(name, t) for name, t in batch.items()}
+    trainer = core.Trainer(model, core.TrainConfig(), total_steps=10, seed=0)
+    model.train()
+    before = snapshot(model)
+    trainer.step(standardized, source=source)
+    changed = changed_keys(before, model)
+    expected = {f"pairs.{source}.{key}" for key in (
+        "linear.weight", "linear.bias", "batch_norm.weight", "batch_norm.bias",
+        "batch_norm.running_mean", "batch_norm.running_var", "batch_norm.num_batches_tracked",
+        "raw_dictionary")}
+    assert changed == expected
+    assert trainer.updates == {name: int(name == source) for name in DIMS}
+
+
+def test_all_decoders_option_steps_every_decoder_and_one_encoder():
+    model = core.USAE(DIMS, n_concepts=16, k=3, seed=0)
+    batch = tiny_batches(1)[0]
+    model.fit_standardization(batch)
+    standardized = {name: model.standardize(name, t) for name, t in batch.items()}
+    trainer = core.Trainer(model, core.TrainConfig(update="all_decoders"), total_steps=10, seed=0)
+    model.train()
+    before = snapshot(model)
+    trainer.step(standardized, source="b")
+    changed = changed_keys(before, model)
+    assert {f"pairs.{name}.raw_dictionary" for name in DIMS} <= changed
+    assert not any(key.startswith(("pairs.a.linear", "pairs.a.batch_norm", "pairs.c.linear",
+                                   "pairs.c.batch_norm")) for key in changed)
+    assert "pairs.b.linear.weight" in changed
+
+
+def test_released_rule_gives_the_same_encoder_gradient_as_undetached_decoders():
+    """Detaching the other decoders changes no gradient that the released code applies."""
+    model = core.USAE(DIMS, n_concepts=16, k=3, seed=0)
+    batch = tiny_batches(1)[0]
+    model.fit_standardization(batch)
+    x = {name: model.standardize(name, t) for name, t in batch.items()}
+
+    def encoder_grad(detach):
+        model.zero_grad(set_to_none=True)
+        encoding = model.encode_full("a", x["a"], standardized=True)
+        loss = 0
+        for name in DIMS:
+            dictionary = model.dictionary(name)
+            if detach and name != "a":
+                dictionary = dictionary.detach()
+            loss = loss + core.l1_aux_loss(x[name], encoding.codes @ dictionary,
+                                           encoding.pre_codes, encoding.codes, dictionary)
+        loss.backward()
+        return [p.grad.clone() for p in model.pairs["a"].parameters()]
+
+    for released, plain in zip(encoder_grad(True), encoder_grad(False)):
+        torch.testing.assert_close(released, plain)
+
+
+def test_sources_are_drawn_from_the_seeded_generator():
+    def drawn(seed):
+        trainer = core.Trainer(core.USAE(DIMS, 16, 3, seed=0), core.TrainConfig(), 100, seed)
+        return [trainer.draw_source() for _ in range(60)]
+
+    assert drawn(3) == drawn(3)
+    assert drawn(3) != drawn(4)
+    assert set(drawn(3)) == set(DIMS)
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedules
+
+
+def test_paper_schedule_values():
+    lr = lambda step: core.scheduled_lr(step, total_steps=130, warmup_steps=30,
+                                        base_lr=3e-4, final_lr=1e-6)
+    assert lr(0) == pytest.approx(1e-6)
+    assert lr(15) == pytest.approx(1e-6 + (3e-4 - 1e-6) / 2)
+    assert lr(30) == pytest.approx(3e-4)
+    assert lr(80) == pytest.approx((3e-4 + 1e-6) / 2)  # half-way through the cosine
+    assert lr(130) == pytest.approx(1e-6)
+    assert lr(500) == pytest.approx(1e-6)
+
+
+def lrs_used(schedule, steps, sources):
+    model = core.USAE(DIMS, n_concepts=16, k=3, seed=0)
+    batch = tiny_batches(1)[0]
+    model.fit_standardization(batch)
+    x = {name: model.standardize(name, t) for name, t in batch.items()}
+    config = core.TrainConfig(schedule=schedule, warmup_steps=2)
+    trainer = core.Trainer(model, config, total_steps=steps, seed=0)
+    used = []
+    for source in sources:
+        trainer.step(x, source=source)
+        used.append(trainer.optimizers[source].param_groups[0]["lr"])
+    return used
+
+
+def test_paper_schedule_follows_the_global_step():
+    used = lrs_used("paper", 6, ["a", "b", "a", "c", "b", "a"])
+    expected = [core.scheduled_lr(step, 6, 2, 3e-4, 1e-6) for step in range(6)]
+    assert used == pytest.approx(expected)
+
+
+def test_released_schedule_advances_only_when_its_model_steps():
+    used = lrs_used("released", 6, ["a", "b", "a", "c", "b", "a"])
+    lr = lambda count: core.scheduled_lr(count, 6, 2, 3e-4, 1e-6)
+    # Each model's first update runs at the initial lr; then its own counter drives the schedule.
+    assert used == pytest.approx([3e-4, 3e-4, lr(1), 3e-4, lr(1), lr(2)])
+
+
+def test_default_warmup_is_one_thirtieth_of_the_run():
+    trainer = core.Trainer(core.USAE(DIMS, 16, 3), core.TrainConfig(), total_steps=300, seed=0)
+    assert trainer.warmup_steps == 10
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def test_save_load_gives_identical_outputs(tmp_path):
+    model = core.USAE(DIMS, n_concepts=16, k=3, seed=0)
+    core.train(model, tiny_batches(), 5, seed=0, lr=0.05, progress=False)
+    path = tmp_path / "usae.safetensors"
+    core.save(model, path)
+    loaded = core.load(path)
+    assert loaded.config() == model.config()
+    assert loaded.standardization() == model.standardization()
+    acts = tiny_batches(1, seed=9)[0]
+    model.eval()
+    for name in DIMS:
+        codes = model.encode(name, acts[name])
+        assert torch.equal(loaded.encode(name, acts[name]), codes)
+        for target in DIMS:
+            assert torch.equal(loaded.decode(target, codes), model.decode(target, codes))
+    header = core.read_header(path)
+    assert header["model"] == {"dims": DIMS, "n_concepts": 16, "k": 3}
+    assert header["library_version"] == core.__version__
+    assert set(header["standardization"]) == set(DIMS)
+
+
+def test_training_checkpoint_records_the_run(tmp_path):
+    path = tmp_path / "run.safetensors"
+    core.train(core.USAE(DIMS, 16, 3, seed=0), tiny_batches(), 4, seed=7, progress=False,
+               checkpoint_path=str(path), loss="mse", schedule="released")
+    training = core.read_header(path)["training"]
+    assert training["step"] == 4 and training["seed"] == 7 and training["total_steps"] == 4
+    assert training["config"]["loss"] == "mse"
+    assert training["config"]["schedule"] == "released"
+    assert sum(training["updates"].values()) == 4
+
+
+class Interrupted(Exception):
+    pass
+
+
+def interrupted_after(batches, n):
+    for index, batch in enumerate(batches * 10):
+        if index == n:
+            raise Interrupted
+        yield batch
+
+
+@pytest.mark.parametrize("options", [{}, {"schedule": "released", "update": "all_decoders"}])
+def test_resumed_training_ends_exactly_where_an_uninterrupted_run_ends(tmp_path, options):
+    batches = tiny_batches(5)
+    steps, common = 23, dict(seed=3, lr=0.02, progress=False, log_every=4, **options)
+    straight = core.USAE(DIMS, 16, 3, seed=0)
+    core.train(straight, batches, steps, **common)
+
+    path = tmp_path / "ckpt.safetensors"
+    interrupted = core.USAE(DIMS, 16, 3, seed=0)
+    with pytest.raises(Interrupted):
+        core.train(interrupted, interrupted_after(batches, 16), steps, checkpoint_path=str(path),
+                   checkpoint_every=5, **common)
+    assert core.read_header(path)["training"]["step"] == 15
+
+    resumed = core.USAE(DIMS, 16, 3, seed=123)  # its own weights are replaced by the checkpoint
+    result = core.train(resumed, batches, steps, checkpoint_path=str(path), checkpoint_every=5,
+                        **common)
+    assert result.step == steps
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_resume_asks_a_seekable_loader_for_the_stream_from_the_checkpoint(tmp_path):
+    class Loader:
+        def __init__(self, stop_at=None):
+            self.starts, self.stop_at = [], stop_at
+
+        def iter_from(self, step):
+            self.starts.append(step)
+            while step != self.stop_at:
+                yield tiny_batches(1, seed=step)[0]
+                step += 1
+            raise Interrupted
+
+    path = tmp_path / "ckpt.safetensors"
+    first, second = Loader(stop_at=4), Loader()
+    with pytest.raises(Interrupted):
+        core.train(core.USAE(DIMS, 16, 3, seed=0), first, 6, progress=False,
+                   checkpoint_path=str(path), checkpoint_every=2)
+    core.train(core.USAE(DIMS, 16, 3, seed=0), second, 6, progress=False,
+               checkpoint_path=str(path))
+    assert first.starts == [0] and second.starts == [4]
+
+
+def test_a_failed_write_keeps_the_old_checkpoint_and_leaves_no_temporary_file(tmp_path,
+                                                                              monkeypatch):
+    path = tmp_path / "model.safetensors"
+    model = core.USAE(DIMS, 16, 3, seed=0)
+    core.save(model, path)
+    original = path.read_bytes()
+
+    def broken_save(tensors, filename, metadata=None):
+        with open(filename, "wb") as handle:
+            handle.write(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(core, "save_file", broken_save)
+    with pytest.raises(OSError, match=str(tmp_path)):
+        core.save(core.USAE(DIMS, 16, 3, seed=1), path)
+    assert path.read_bytes() == original
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+
+
+def test_checkpoints_are_safetensors_with_a_json_header_and_no_pickle(tmp_path):
+    path = tmp_path / "model.safetensors"
+    core.save(core.USAE(DIMS, 16, 3, seed=0), path)
+    raw = path.read_bytes()
+    header_length = int.from_bytes(raw[:8], "little")
+    assert raw[8:9] == b"{" and b"usae" in raw[8:8 + header_length]
+    assert b"\x80\x04" not in raw[:2] and not raw.startswith(b"PK")  # no pickle, no zip
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: every error says what is wrong and what to do
+
+
+def test_wrong_width_and_unknown_model_are_refused():
+    model = core.USAE(DIMS, 16, 3)
+    with pytest.raises(ValueError, match=r"'a' takes activations of shape \(tokens, 6\)"):
+        model.encode("a", torch.randn(4, 7))
+    with pytest.raises(KeyError, match=r"unknown model 'z'.*\['a', 'b', 'c'\]"):
+        model.encode("z", torch.randn(4, 6))
+    with pytest.raises(ValueError, match="codes must have shape"):
+        model.decode("a", torch.randn(4, 15))
+
+
+@pytest.mark.parametrize("k, n, message", [(16, 16, "smaller than n_concepts"),
+                                           (20, 16, "smaller than n_concepts"),
+                                           (0, 16, "k must be a positive integer"),
+                                           (3, 0, "n_concepts must be a positive integer")])
+def test_impossible_k_or_n_is_refused(k, n, message):
+    with pytest.raises(ValueError, match=message):
+        core.USAE(DIMS, n, k)
+
+
+@pytest.mark.parametrize("dims, message", [({}, "non-empty"), ({"a-b": 3}, "not usable"),
+                                           ({"a": 0}, "width of model 'a'")])
+def test_bad_dims_are_refused(dims, message):
+    with pytest.raises(ValueError, match=message):
+        core.USAE(dims, 16, 3)
+
+
+def bad_batch(kind):
+    batch = tiny_batches(1)[0]
+    if kind == "tokens":
+        batch["b"] = batch["b"][:-1]
+    elif kind == "nan":
+        batch["c"][3, 2] = float("nan")
+    elif kind == "inf":
+        batch["a"][0, 0] = float("inf")
+    elif kind == "width":
+        batch["a"] = torch.randn(32, 7)
+    elif kind == "missing":
+        del batch["c"]
+    elif kind == "unknown":
+        batch["d"] = torch.randn(32, 3)
+    return batch
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("tokens", "different token counts"), ("nan", "NaN or inf.*'c'"), ("inf", "NaN or inf.*'a'"),
+    ("width", r"shape \(tokens, 6\)"), ("missing", r"missing \['c'\]"),
+    ("unknown", r"unknown \['d'\]")])
+def test_bad_batches_are_refused_and_earlier_work_is_kept(tmp_path, kind, message):
+    path = tmp_path / "ckpt.safetensors"
+    batches = tiny_batches(3) + [bad_batch(kind)]
+    with pytest.raises(ValueError, match=message):
+        core.train(core.USAE(DIMS, 16, 3, seed=0), batches, 8, progress=False,
+                   checkpoint_path=str(path))
+    assert core.read_header(path)["training"]["step"] == 3
+
+
+def test_a_checkpoint_of_another_configuration_is_refused(tmp_path):
+    path = tmp_path / "ckpt.safetensors"
+    batches = tiny_batches()
+    core.train(core.USAE(DIMS, 16, 3, seed=0), batches, 2, progress=False,
+               checkpoint_path=str(path))
+    with pytest.raises(core.CheckpointError, match="holds a USAE"):
+        core.train(core.USAE(DIMS, 16, 4), batches, 4, progress=False, checkpoint_path=str(path))
+    with pytest.raises(core.CheckpointError, match="'loss': \\('l1_aux', 'mse'\\)"):
+        core.train(core.USAE(DIMS, 16, 3), batches, 2, progress=False, checkpoint_path=str(path),
+                   loss="mse")
+    with pytest.raises(core.CheckpointError, match="'seed'"):
+        core.train(core.USAE(DIMS, 16, 3), batches, 2, seed=5, progress=False,
+                   checkpoint_path=str(path))
+
+
+def test_unreadable_checkpoints_are_refused(tmp_path):
+    path = tmp_path / "model.safetensors"
+    core.save(core.USAE(DIMS, 16, 3, seed=0), path)
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(core.CheckpointError, match="damaged|not a readable"):
+        core.load(path)
+    with pytest.raises(core.CheckpointError, match="no checkpoint"):
+        core.load(tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"loss": "l2"}, "loss='l2' is not one of"), ({"update": "all"}, "update='all'"),
+    ({"schedule": "linear"}, "schedule='linear'"), ({"lr": -1.0}, "lr must be"),
+    ({"warmup_steps": -3}, "warmup_steps"), ({"log_every": 0}, "log_every")])
+def test_bad_training_options_are_refused_before_any_work(options, message):
+    with pytest.raises(ValueError, match=message):
+        core.train(core.USAE(DIMS, 16, 3), tiny_batches(), 2, progress=False, **options)
+
+
+def test_unknown_options_and_bad_steps_are_refused():
+    with pytest.raises(TypeError, match="unknown training options \\['learning_rate'\\]"):
+        core.train(core.USAE(DIMS, 16, 3), tiny_batches(), 2, learning_rate=1e-3)
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        core.train(core.USAE(DIMS, 16, 3), tiny_batches(), 0)
+
+
+def test_running_out_of_batches_is_an_error_for_one_shot_iterators():
+    with pytest.raises(ValueError, match="batches ran out after step 4"):
+        core.train(core.USAE(DIMS, 16, 3), iter(tiny_batches(4)), 6, progress=False)
+    result = core.train(core.USAE(DIMS, 16, 3), tiny_batches(4), 6, progress=False)
+    assert result.step == 6  # a list is iterated again for a second epoch
+
+
+# ----------------------------------------------------------------------------------------------
+# Planted concepts: the USAE must find what was put there
+
+
+def test_usae_recovers_planted_concepts_and_reconstructs_every_model():
+    dims = {"a": 40, "b": 48, "c": 56}
+    train_data = synthetic.planted_concepts(dims, n_concepts=32, active=3, n_tokens=16384, seed=0)
+    model = core.USAE(dims, n_concepts=64, k=3, seed=0)
+    core.train(model, synthetic.token_batches(train_data.acts, 512, seed=0), 1500, seed=0,
+               lr=0.01, progress=False)
+    held_out = synthetic.planted_concepts(dims, 32, 3, 4096, seed=0, token_seed=1).acts
+    with torch.no_grad():
+        for source in dims:
+            codes = model.encode(source, held_out[source])
+            for target in dims:
+                residual = held_out[target] - model.decode(target, codes)
+                centred = held_out[target] - held_out[target].mean(dim=0)
+                r2 = 1 - residual.square().sum() / centred.square().sum()
+                assert r2 >= 0.9, (source, target, r2.item())
+        for name in dims:
+            recovered = synthetic.best_cosine(train_data.views[name], model.dictionary(name))
+            assert recovered.mean() >= 0.9, (name, recovered.mean().item())
