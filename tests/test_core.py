@@ -495,21 +495,16 @@ def test_running_out_of_batches_is_an_error_for_one_shot_iterators():
 # Planted concepts: the USAE must find what was put there
 
 
-def test_usae_recovers_planted_concepts_and_reconstructs_every_model():
-    dims = {"a": 40, "b": 48, "c": 56}
-    train_data = synthetic.planted_concepts(dims, n_concepts=32, active=3, n_tokens=16384, seed=0)
-    model = core.USAE(dims, n_concepts=64, k=3, seed=0)
-    core.train(model, synthetic.token_batches(train_data.acts, 512, seed=0), 1500, seed=0,
-               lr=0.01, progress=False)
-    held_out = synthetic.planted_concepts(dims, 32, 3, 4096, seed=0, token_seed=1).acts
+def test_usae_recovers_planted_concepts_and_reconstructs_every_model(planted_run):
+    model, train_data, held_out = planted_run
     with torch.no_grad():
-        for source in dims:
+        for source in held_out:
             codes = model.encode(source, held_out[source])
-            for target in dims:
+            for target in held_out:
                 residual = held_out[target] - model.decode(target, codes)
                 centred = held_out[target] - held_out[target].mean(dim=0)
                 r2 = 1 - residual.square().sum() / centred.square().sum()
                 assert r2 >= 0.9, (source, target, r2.item())
-        for name in dims:
+        for name in held_out:
             recovered = synthetic.best_cosine(train_data.views[name], model.dictionary(name))
             assert recovered.mean() >= 0.9, (name, recovered.mean().item())
