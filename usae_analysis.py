@@ -300,9 +300,9 @@ def energy_cofire_fit(aggregate: Tensor, cofires: Tensor, n_models: int,
     """
     x, y = cofires.double(), aggregate.double() / n_models
     keep = (x > 0) & (y > 0) & (x >= min_cofires)
-    if keep.sum() < 3:
-        return LogLogFit(float("nan"), float("nan"), int(keep.sum()))
     log_x, log_y = torch.log10(x[keep]).numpy(), torch.log10(y[keep]).numpy()
+    if keep.sum() < 3 or np.ptp(log_x) == 0 or np.ptp(log_y) == 0:  # no line to fit
+        return LogLogFit(float("nan"), float("nan"), int(keep.sum()))
     r = float(np.corrcoef(log_x, log_y)[0, 1])
     slope = float(np.polyfit(log_x, log_y, 1)[0])
     return LogLogFit(r, slope, int(keep.sum()))

@@ -941,11 +941,15 @@ def open_cache(path: str | os.PathLike) -> Cache:
 
 def make_synthetic_cache(out_dir: str | os.PathLike, widths: Mapping[str, int], n_images: int,
                          *, tokens_per_image: int | None = None, grid: int = 14, seed: int = 0,
-                         stats_sample: int = 1000, rebuild: bool = False) -> Cache:
-    """A complete cache of random N(0, 1) fp16 activations, for benchmarks and tests.
+                         stats_sample: int = 1000, rebuild: bool = False,
+                         acts: Mapping[str, Any] | None = None) -> Cache:
+    """A complete cache of synthetic fp16 activations, for benchmarks, tests and the
+    ``synthetic`` preset.
 
-    It has the same layout and metadata as a real one (models described as synthetic), so
-    :func:`open_cache` and :class:`TokenLoader` treat it the same.
+    The activations are ``acts`` (model name -> ``n_images * tokens_per_image x width``
+    array, e.g. planted concepts) or, by default, seeded N(0, 1) noise. The cache has the same
+    layout and metadata as a real one (models described as synthetic), so :func:`open_cache`
+    and :class:`TokenLoader` treat it the same.
     """
     tokens = grid * grid if tokens_per_image is None else int(tokens_per_image)
     images = ImageSet(Path("synthetic"), tuple(f"{i:07d}.png" for i in range(n_images)),
@@ -968,7 +972,13 @@ def make_synthetic_cache(out_dir: str | os.PathLike, widths: Mapping[str, int], 
     for name, width in widths.items():
         array = np.lib.format.open_memmap(folder / files[name], mode="w+", dtype=DTYPE,
                                           shape=(n_images * tokens, width))
-        for start in range(0, len(array), 65536):
+        if acts is not None:
+            given = np.asarray(acts[name], dtype=np.float32)
+            if given.shape != array.shape:
+                raise ValueError(f"acts[{name!r}] has shape {given.shape}, expected "
+                                 f"{array.shape} (n_images * tokens_per_image, width).")
+            array[:] = given
+        for start in range(0, len(array) if acts is None else 0, 65536):
             stop = min(start + 65536, len(array))
             array[start:stop] = rng.standard_normal((stop - start, width), dtype=np.float32)
         array.flush()
@@ -976,6 +986,18 @@ def make_synthetic_cache(out_dir: str | os.PathLike, widths: Mapping[str, int], 
     _finalize(folder, request, models, images, grid, tokens, seed, stats_sample, [],
               {"synthetic": True})
     return open_cache(folder)
+
+
+def iter_rows(cache: Cache, batch_size: int = 16384, *,
+              device: str | torch.device = "cpu") -> Iterator[dict[str, torch.Tensor]]:
+    """Consecutive rows in cache order, as float32 tensors (the analyses' reading order:
+    whole images stay together when ``batch_size`` is a multiple of the tokens per image)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    for start in range(0, cache.n_tokens, batch_size):
+        stop = min(start + batch_size, cache.n_tokens)
+        yield {name: torch.from_numpy(np.array(cache.arrays[name][start:stop]))
+               .to(device, torch.float32) for name in cache.names}
 
 
 # ----------------------------------------------------------------------------------------------

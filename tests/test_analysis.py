@@ -123,6 +123,8 @@ def test_energy_cofire_fit_recovers_a_planted_power_law():
     assert fit.n_concepts == 47
     assert analysis.energy_cofire_fit(aggregate, cofires, 3, min_cofires=1000).n_concepts == \
         int((cofires >= 1000).sum())
+    flat = analysis.energy_cofire_fit(aggregate, torch.ones_like(cofires), 3)  # no spread: no fit
+    assert math.isnan(flat.r) and math.isnan(flat.slope) and flat.n_concepts == 47
 
 
 def planted_membership(n_per_group):

@@ -1,0 +1,83 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 06 · Model-unique concepts (paper section 4.6) and the concept explorer
+#
+# Not every concept is universal. Concepts with a low firing entropy whose firings all come from
+# one model are that model's own: the paper finds DINOv2-only concepts about perspective and
+# depth, and SigLIP-only concepts about text. Below they are ranked, with their top images; then
+# the explorer lets you browse every concept across models side by side.
+
+# %% tags=["parameters"]
+preset = "offline"  # offline | paper | synthetic
+out = "../results"  # caches, checkpoints, codes, metrics.json
+figures = "../figures"  # where the PNG figures go
+images = None  # a training image folder (offline) or the ImageNet root (paper)
+quick = False  # small sizes (CI)
+device = "cpu"
+seed = 0
+
+# %%
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path.cwd().parent))  # the repository root, where the modules live
+
+import usae_analysis as analysis
+import usae_figures as figs
+import usae_pipeline as pipeline
+
+exp, caches, model, source = pipeline.open_run(preset=preset, out=out, images=images,
+                                               quick=quick, device=device, seed=seed)
+
+import usae_explorer as explorer_lib
+
+# %%
+val = pipeline.encoded_split(exp, model, caches, "val")
+stats = analysis.concept_statistics(val.codes)
+unique = analysis.model_unique_concepts(stats.fires, model.names, min_fires=5)
+by_model = {name: [u for u in unique if u.model == name] for name in model.names}
+for name, found in by_model.items():
+    print(f"{name}: {len(found)} unique concepts;", [(u.concept, u.fires) for u in found[:8]])
+pipeline.update_metrics(exp, {"unique_concepts": {name: [u.concept for u in found]
+                                                  for name, found in by_model.items()}})
+
+# %%
+explorer = explorer_lib.ConceptExplorer.from_cache(caches["val"], val.codes, model=model,
+                                                   stats=stats, top_n=4)
+shown = [found[0].concept for found in by_model.values() if found][:3]
+if exp.preset == "synthetic":
+    print("The synthetic preset has no images: nothing to show here.")
+elif shown:
+    fig = explorer.concept_figure(shown)
+    fig.text(0.01, 0.0, source + "; one model-unique concept per model (most fired first).",
+             fontsize=8)
+    figs.save(fig, figures, "fig11_12_model_unique_concepts")
+else:
+    print("No concept fires in one model only at this size.")
+
+# %% [markdown]
+# ## The concept explorer
+#
+# Choose a concept with the slider or the dropdown (sorted by energy, firing entropy or co-fire
+# proportion) to see each model's top images with the concept's heatmap and its statistics; in
+# the second tab, pick an image to see which concepts fire in each model. The static view below
+# shows the first concept when the notebook is read without a live kernel.
+
+# %%
+if exp.preset != "synthetic":
+    figs.save(explorer.static_view(), figures, "explorer_static_view")
+    display(explorer.widget())

