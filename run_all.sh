@@ -45,7 +45,12 @@ while [[ $# -gt 0 ]]; do
     *) die "unknown option '$1'." ;;
   esac
 done
-[[ "$seed" =~ ^[0-9]+$ ]] || die "--seed must be a non-negative integer, got '$seed'."
+[[ "$preset" =~ ^(offline|paper|synthetic)$ ]] \
+  || die "unknown preset '$preset': choose offline, paper or synthetic."
+[[ "$device" =~ ^(cpu|cuda(:[0-9]+)?)$ ]] || die "--device must be cpu or cuda[:N], got '$device'."
+# At most 18 digits: a 64-bit seed for torch; base 10 even with leading zeros (not octal).
+[[ "$seed" =~ ^[0-9]{1,18}$ ]] || die "--seed must be an integer from 0 to 10^18 - 1, got '$seed'."
+seed=$((10#$seed))
 suffix=$([[ $quick == true ]] && echo "-quick" || true)
 out="$(realpath -m "${out:-$root/results/$preset$suffix}")"
 if [[ -z "$figures" ]]; then
@@ -56,6 +61,9 @@ if [[ -z "$figures" ]]; then
   fi
 fi
 figures="$(realpath -m "$figures")"
+# The default run also refreshes the executed notebooks in notebooks/, so that they open in
+# JupyterLab with the figures of the offline default.
+publish=$([[ "$figures" == "$root/figures" ]] && echo true || echo false)
 [[ -z "$images" ]] || images="$(realpath -m "$images")"
 
 # Every setting is checked by the same code the notebooks use, before any long work starts.
@@ -91,10 +99,19 @@ for source in notebooks/[0-9][0-9]_*.py; do
   echo "== $name"
   # The .py file is the source of truth; its notebook is regenerated, then executed.
   jupytext --quiet --to ipynb --output "$out/notebooks/$name.source.ipynb" "$source"
-  papermill --no-progress-bar --cwd notebooks -y "$params" \
+  papermill --no-progress-bar --log-level WARNING --cwd notebooks -y "$params" \
     "$out/notebooks/$name.source.ipynb" "$out/notebooks/$name.ipynb" \
     || { echo "run_all.sh: $name failed; see $out/notebooks/$name.ipynb" >&2; exit 1; }
   rm -f "$out/notebooks/$name.source.ipynb"
+  if [[ $publish == true ]]; then
+    python - "$out/notebooks/$name.ipynb" "notebooks/$name.ipynb" <<'PUBLISH'
+import sys, nbformat
+notebook = nbformat.read(sys.argv[1], as_version=4)
+notebook.cells = [c for c in notebook.cells
+                  if "injected-parameters" not in c.metadata.get("tags", [])]
+nbformat.write(notebook, sys.argv[2])
+PUBLISH
+  fi
   echo "   $name done in $(( $(date +%s) - start )) s"
 done
 echo "All notebooks done in $(( $(date +%s) - total_start )) s."

@@ -13,24 +13,36 @@ model's activations must be the same image and 14x14 grid position. This module
 
 On-disk layout of a cache folder::
 
-    cache.json          metadata, written last and only once the cache is complete
+    cache.json          metadata and checksums, written last and only once the cache is complete
     progress.json       during a build only: how many images are done (atomic writes)
     <model>.npy         (n_tokens, width) float16, one per model, same row order
+                        (``<model>.npy.partial`` while the build runs: never a final name for
+                        an unfinished file)
     kept_images.npy     (n_kept,) int32: index in the image list of each kept image
     positions.npy       (n_kept, T) int16: kept grid positions, only when T < grid*grid
+
+Integrity: ``cache.json`` records the size and the sha256 of every 16 MiB block of every other
+file, and a sha256 of its own content. :func:`open_cache` always checks sizes, shapes and the
+metadata (cheap) and hashes the arrays by default: all of them up to 2 GiB, a sample of blocks
+above (see its ``verify`` argument). Nothing is ever unpickled: arrays are read with
+``allow_pickle=False`` and metadata is JSON.
 
 Row ``r`` holds image ``kept_images[r // T]`` at grid position ``positions[r // T, r % T]``
 (row-major on the grid). The standardisation statistics are one scalar mean and one scalar
 unbiased std per model, over every cached token of a seeded sample of 1,000 images, as the
 released code (spec section 2); the loader leaves the activations raw unless asked.
 
-This module imports nothing else of the project: backbones are used through their interface
-(``name``, ``width``, ``grid``, ``preprocessing``, ``preprocess``, ``forward``, ``describe``).
+Of the project this module imports only ``usae_core`` (for its atomic writes); backbones are
+used through their interface (``name``, ``width``, ``grid``, ``preprocessing``, ``preprocess``,
+``forward``, ``describe``).
 """
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
+import errno
+import glob
 import hashlib
 import io
 import json
@@ -49,6 +61,8 @@ import torch
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
+import usae_core
+
 CACHE_FORMAT = "usae-cache/1"
 STD_EPS = 1e-5  # (x - mean) / (std + 1e-5), as the released code
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -60,6 +74,13 @@ METADATA_FILE = "cache.json"
 PROGRESS_FILE = "progress.json"
 KEPT_FILE = "kept_images.npy"
 POSITIONS_FILE = "positions.npy"
+PARTIAL_SUFFIX = ".partial"  # arrays being filled by a build
+# Integrity checks (see open_cache): block size of the recorded sha256s, the cache size up to
+# which ``verify="auto"`` hashes everything, and the blocks per file it hashes above that.
+CHECKSUM_BLOCK = 16 * 2**20
+AUTO_FULL_BYTES = 2 * 2**30
+SAMPLE_BLOCKS = 8
+VERIFY_MODES = ("auto", "full", "size")
 # Independent random streams derived from the one user seed.
 _POSITIONS_STREAM, _STATS_STREAM = 1, 2
 _WNID_NAME = re.compile(r"^n\d{8}(?:_\d+)?_(.+)$")  # WNID_IMAGEID_label or WNID_label
@@ -399,27 +420,99 @@ class Cache:
         return self.positions[rows // self.tokens_per_image, rows % self.tokens_per_image]
 
 
+def _check_device(device: Any) -> None:
+    """Refuse an unknown device, or a GPU that is not there, before any work starts."""
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise ValueError(f"device {device!r} is not a torch device; use 'cpu' or "
+                         "'cuda[:N]'.") from error
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for but no CUDA GPU is visible; use "
+                         "'cpu'.")
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from a file of ours, or a :class:`CorruptCacheError` that says so."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:  # invalid JSON or not UTF-8 text (e.g. a pickle put there)
+        raise CorruptCacheError(f"{path} is not valid JSON ({error}): the file is damaged; "
+                                f"{_REBUILD}.") from error
+    if not isinstance(value, dict):
+        raise CorruptCacheError(f"{path} holds a JSON {type(value).__name__}, not an object: "
+                                f"the file is damaged; {_REBUILD}.")
+    return value
+
+
 def _json_normal(value: Any) -> Any:
     """What ``value`` reads back as from JSON (tuples become lists), for comparisons."""
     return json.loads(json.dumps(value))
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write a file atomically: temporary file beside it, fsync, rename, fsync the folder.
+class CorruptCacheError(ValueError):
+    """A cache whose files are damaged, truncated or altered since it was built."""
 
-    A crash at any moment leaves the old file or the new one, never a half-written one.
-    """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+
+_REBUILD = ("rebuild it with build_cache(..., rebuild=True) (or make_synthetic_cache), or "
+            "restore the folder from a copy")
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Turn a storage failure (no space, no permission, read-only disk) into an OSError that
+    names the file and says what to do; an interrupted build resumes."""
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+        yield
+    except OSError as error:
+        if str(path) in str(error):  # already says which file (usae_core.atomic_write does)
+            raise
+        raise OSError(error.errno, f"cannot write {path}: {error.strerror or error}; choose a "
+                      "writable folder with free space (an interrupted build resumes where "
+                      "it stopped).") from error
+
+
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+# What a plain open() gives a new file; mkstemp's temporaries are owner-only (0o600), which
+# would leave cache.json unreadable to colleagues who can read the arrays beside it.
+_FILE_MODE = _umask_mode()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Temporary file beside ``path``, fsync, rename: never a half-written file at ``path``."""
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(data)
+        tmp.chmod(_FILE_MODE)
+
+    usae_core.atomic_write(path, write)
+
+
+def _partial(path: Path) -> Path:
+    return path.with_name(path.name + PARTIAL_SUFFIX)
+
+
+def _reserve(path: Path, start: int, length: int) -> None:
+    """Allocate the disk blocks of bytes ``start .. start + length`` of ``path``.
+
+    The arrays are sparse files written through memory maps: on a full disk such a write kills
+    the process with SIGBUS, no message. Allocating first turns that into ENOSPC here.
+    """
+    if length <= 0 or not hasattr(os, "posix_fallocate"):
+        return
+    with _writing(path):
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, start, length)
+        except OSError as error:
+            if error.errno not in (errno.EINVAL, errno.EOPNOTSUPP):  # unsupported: skip
+                raise
+        finally:
+            os.close(fd)
 
 
 def _write_json(path: Path, value: Any) -> None:
@@ -544,6 +637,16 @@ def _remove_cache(folder: Path) -> None:
             pass
     for name in names:
         (folder / Path(name).name).unlink(missing_ok=True)
+        _partial(folder / Path(name).name).unlink(missing_ok=True)
+    _remove_temporaries(folder, names)
+
+
+def _remove_temporaries(folder: Path, names: Iterable[str]) -> None:
+    """Delete what atomic writes of these files left behind when the process was killed
+    (``.<name>.*.tmp``; a SIGKILL gives them no chance to clean up)."""
+    for name in names:
+        for leftover in folder.glob(f".{glob.escape(Path(name).name)}.*.tmp"):
+            leftover.unlink(missing_ok=True)
 
 
 def _shrink_npy(path: Path, rows: int) -> None:
@@ -559,15 +662,15 @@ def _shrink_npy(path: Path, rows: int) -> None:
                        else (fmt.read_array_header_2_0, fmt.write_array_header_2_0))
         shape, fortran, dtype = read(handle)
         offset = handle.tell()
-        if shape[0] == rows:
-            return
-        header = io.BytesIO()
-        write(header, {"descr": fmt.dtype_to_descr(dtype), "fortran_order": fortran,
-                       "shape": (rows, *shape[1:])})
-        if len(header.getvalue()) != offset:
-            raise RuntimeError(f"cannot shrink {path} in place (header size changed).")
-        handle.seek(0)
-        handle.write(header.getvalue())
+        if shape[0] != rows:
+            header = io.BytesIO()
+            write(header, {"descr": fmt.dtype_to_descr(dtype), "fortran_order": fortran,
+                           "shape": (rows, *shape[1:])})
+            if len(header.getvalue()) != offset:
+                raise RuntimeError(f"cannot shrink {path} in place (header size changed).")
+            handle.seek(0)
+            handle.write(header.getvalue())
+        # Always: a build killed between the two writes left the new header on the old length.
         handle.truncate(offset + rows * int(np.prod(shape[1:])) * dtype.itemsize)
         handle.flush()
         os.fsync(handle.fileno())
@@ -592,10 +695,43 @@ def _scalar_stats(array: np.ndarray, blocks: Sequence[int], tokens: int) -> tupl
     return float(mean), float(math.sqrt(squares / max(1, count - 1)))
 
 
+def _block_hashes(path: Path, block: int, indices: Iterable[int] | None = None) -> list[str]:
+    """sha256 of blocks ``indices`` (all by default) of ``block`` bytes of a file, in order.
+
+    Threads share the work (hashlib and reads release the GIL), so hashing a large cache at the
+    end of its build runs at disk speed rather than one core's hashing speed.
+    """
+    count = max(1, -(-path.stat().st_size // block))
+    indices = list(range(count) if indices is None else indices)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        def digest(index: int) -> str:
+            return hashlib.sha256(os.pread(fd, block, index * block)).hexdigest()
+
+        if len(indices) == 1:
+            return [digest(indices[0])]
+        with concurrent.futures.ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
+            return list(pool.map(digest, indices))
+    finally:
+        os.close(fd)
+
+
+def _metadata_digest(metadata: dict) -> str:
+    """sha256 of the metadata without this digest itself, in a canonical JSON form."""
+    body = json.loads(json.dumps(metadata))
+    body.get("checksums", {}).pop("metadata_sha256", None)
+    canonical = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
 def _finalize(folder: Path, request: dict, models: list[dict], images: ImageSet, grid: int,
               tokens: int, seed: int, stats_sample: int, skipped: list[dict],
-              build: dict, rows_done: int | None = None) -> dict:
-    """Shrink the arrays, write the index files and statistics, then ``cache.json``."""
+              build: dict, rows_done: int | None = None, *, hash_content: bool = True) -> dict:
+    """Shrink the arrays, write the index files and statistics, hash everything, give the
+    arrays their final names, then write ``cache.json``.
+
+    The arrays arrive as ``<file>.partial``. ``hash_content=False`` records sizes only.
+    """
     files = _array_files([m["name"] for m in models])
     skipped = sorted(skipped, key=lambda item: item["index"])
     bad = {item["index"] for item in skipped}
@@ -609,7 +745,8 @@ def _finalize(folder: Path, request: dict, models: list[dict], images: ImageSet,
         raise RuntimeError(f"the cache in {folder} holds {rows_done} rows but {kept.size} kept "
                            f"images x {tokens} tokens = {n_tokens}; pass rebuild=True.")
     for name in files.values():
-        _shrink_npy(folder / name, n_tokens)
+        with _writing(_partial(folder / name)):
+            _shrink_npy(_partial(folder / name), n_tokens)
     _save_npy(folder / KEPT_FILE, kept)
     index_files = {"kept_images": KEPT_FILE}
     if tokens < grid * grid:
@@ -622,7 +759,7 @@ def _finalize(folder: Path, request: dict, models: list[dict], images: ImageSet,
     sample = np.sort(np.random.default_rng([seed, _STATS_STREAM]).choice(
         kept.size, size=n_sample, replace=False))
     for model in models:
-        array = np.load(folder / files[model["name"]], mmap_mode="r")
+        array = np.load(_partial(folder / files[model["name"]]), mmap_mode="r")
         model["mean"], model["std"] = _scalar_stats(array, sample, tokens)
         del array
 
@@ -654,6 +791,19 @@ def _finalize(folder: Path, request: dict, models: list[dict], images: ImageSet,
     }
     if _request_of(metadata) != request:
         raise RuntimeError("internal error: the metadata does not record the request.")
+    on_disk = {name: _partial(folder / name) if name in files.values() else folder / name
+               for name in metadata["files"].values()}
+    metadata["checksums"] = {
+        "algorithm": "sha256", "block_bytes": CHECKSUM_BLOCK,
+        "files": {name: {"bytes": path.stat().st_size,
+                         **({"blocks": _block_hashes(path, CHECKSUM_BLOCK)} if hash_content
+                            else {})}
+                  for name, path in on_disk.items()}}
+    metadata["checksums"]["metadata_sha256"] = _metadata_digest(metadata)
+    for name in files.values():
+        with _writing(folder / name):
+            os.replace(_partial(folder / name), folder / name)
+    _fsync_dir(folder)
     _write_json(folder / METADATA_FILE, metadata)
     (folder / PROGRESS_FILE).unlink(missing_ok=True)
     return metadata
@@ -719,11 +869,14 @@ def build_cache(backbones: Sequence[Any], images: ImageSet | str | os.PathLike,
     Notes
     -----
     Unreadable images are skipped for every model (rows exist only for images all models
-    saw) and listed with their reason in the metadata. The arrays are pre-allocated memmaps;
-    after each batch they are flushed and then ``progress.json`` is replaced atomically, so an
-    interrupted build resumes at the last finished batch. Resumed with the same batch size and
-    device, the result is byte-identical to an uninterrupted build (the metadata holds no
-    timestamps).
+    saw) and listed with their reason in the metadata. The arrays are pre-allocated memmaps
+    named ``<model>.npy.partial``; the disk blocks of each batch are allocated before it is
+    written (a full disk is an ``OSError`` naming the file, not a crash), then the arrays are
+    flushed and ``progress.json`` is replaced atomically, so an interrupted build (a crash,
+    SIGKILL, a full disk) resumes at the last finished batch. At the end every file is hashed
+    (one read of the whole cache, at disk speed), the arrays get their final names and
+    ``cache.json`` is written last. Resumed with the same batch size and device, the result is
+    byte-identical to an uninterrupted build (the metadata holds no timestamps).
     """
     backbones = list(backbones)
     if not backbones:
@@ -744,10 +897,19 @@ def build_cache(backbones: Sequence[Any], images: ImageSet | str | os.PathLike,
     if isinstance(tokens, bool) or not isinstance(tokens, int) or not 1 <= tokens <= grid_tokens:
         raise ValueError(f"tokens_per_image must be within 1..{grid_tokens}, got "
                          f"{tokens_per_image!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}.")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive integer, got {workers!r}.")
+    _check_device(device)
     if not isinstance(images, ImageSet):
         images = list_images(images)
     folder = Path(out_dir)
-    folder.mkdir(parents=True, exist_ok=True)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"out_dir {folder} exists and is not a folder; pass a folder for the "
+                         "cache.")
+    with _writing(folder):
+        folder.mkdir(parents=True, exist_ok=True)
 
     models = []
     for bb in backbones:
@@ -764,16 +926,22 @@ def build_cache(backbones: Sequence[Any], images: ImageSet | str | os.PathLike,
     if rebuild:
         _remove_cache(folder)
     if (folder / METADATA_FILE).exists():
-        found = json.loads((folder / METADATA_FILE).read_text(encoding="utf-8"))
+        found = _read_json(folder / METADATA_FILE)
         _check_request(_request_of(found), request, folder, "the cache")
         (folder / PROGRESS_FILE).unlink(missing_ok=True)
         return open_cache(folder)
 
     n = len(images)
     state = None
+    paths = {bb.name: _partial(folder / files[bb.name]) for bb in backbones}
+    _remove_temporaries(folder, [METADATA_FILE, PROGRESS_FILE, KEPT_FILE, POSITIONS_FILE,
+                                 *files.values()])
     if (folder / PROGRESS_FILE).exists():
-        state = json.loads((folder / PROGRESS_FILE).read_text(encoding="utf-8"))
+        state = _read_json(folder / PROGRESS_FILE)
         _check_request(state.get("request"), request, folder, "an unfinished cache")
+        if not {"images_done", "rows_done", "skipped"} <= set(state):
+            raise CorruptCacheError(f"{folder / PROGRESS_FILE} lacks the build's progress; "
+                                    "pass rebuild=True.")
     if state is None:
         needed = n * cache_bytes_per_image([bb.width for bb in backbones], tokens)
         free = shutil.disk_usage(folder).free
@@ -781,20 +949,33 @@ def build_cache(backbones: Sequence[Any], images: ImageSet | str | os.PathLike,
             raise ValueError(
                 f"the cache needs {needed / 1e9:.2f} GB but {folder} has {free / 1e9:.2f} GB "
                 "free; keep fewer tokens per image (tokens_per_image_for_budget) or fewer images.")
-        arrays = {bb.name: np.lib.format.open_memmap(folder / files[bb.name], mode="w+",
-                                                     dtype=DTYPE, shape=(n * tokens, bb.width))
-                  for bb in backbones}
-        state = {"format": CACHE_FORMAT, "request": request, "files": files, "images_done": 0,
-                 "rows_done": 0, "skipped": []}
-        _write_json(folder / PROGRESS_FILE, state)
+        arrays = {}
+        try:
+            for bb in backbones:
+                with _writing(paths[bb.name]):
+                    arrays[bb.name] = np.lib.format.open_memmap(
+                        paths[bb.name], mode="w+", dtype=DTYPE, shape=(n * tokens, bb.width))
+            state = {"format": CACHE_FORMAT, "request": request, "files": files,
+                     "images_done": 0, "rows_done": 0, "skipped": []}
+            _write_json(folder / PROGRESS_FILE, state)
+        except BaseException:  # nothing done yet: leave nothing behind
+            arrays.clear()
+            for path in [*paths.values(), folder / PROGRESS_FILE]:
+                path.unlink(missing_ok=True)
+            raise
     else:
+        for name in files.values():  # a build killed while finalizing had renamed some
+            if not _partial(folder / name).exists() and (folder / name).exists():
+                with _writing(folder / name):
+                    os.replace(folder / name, _partial(folder / name))
         arrays = {}
         for bb in backbones:
             try:
-                arrays[bb.name] = np.load(folder / files[bb.name], mmap_mode="r+")
+                arrays[bb.name] = np.load(paths[bb.name], mmap_mode="r+")
             except (OSError, ValueError) as error:
-                raise ValueError(f"the unfinished cache in {folder} lacks a readable "
-                                 f"{files[bb.name]} ({error}); pass rebuild=True.") from error
+                raise CorruptCacheError(f"the unfinished cache in {folder} lacks a readable "
+                                        f"{paths[bb.name].name} ({error}); pass "
+                                        "rebuild=True.") from error
             if state["images_done"] < n and arrays[bb.name].shape != (n * tokens, bb.width):
                 raise ValueError(f"{files[bb.name]} in {folder} has shape "
                                  f"{arrays[bb.name].shape}, expected {(n * tokens, bb.width)}; "
@@ -829,9 +1010,11 @@ def build_cache(backbones: Sequence[Any], images: ImageSet | str | os.PathLike,
                                  for i, reason in failed]
             rows = state["rows_done"]
             for name, block in blocks.items():
+                _reserve(paths[name], arrays[name].offset + rows * block[0].nbytes, block.nbytes)
                 arrays[name][rows:rows + len(block)] = block
-            for array in arrays.values():
-                array.flush()  # data on disk before the progress file says it is
+            for name, array in arrays.items():
+                with _writing(paths[name]):
+                    array.flush()  # data on disk before the progress file says it is
             state["rows_done"] = rows + (len(next(iter(blocks.values()))) if blocks else 0)
             state["images_done"] = min(start + batch_size, n)
             _write_json(folder / PROGRESS_FILE, state)
@@ -889,54 +1072,190 @@ def _extract(backbones: list, good: list[tuple[int, list[torch.Tensor]]], tokens
     return blocks, failed
 
 
-def open_cache(path: str | os.PathLike) -> Cache:
-    """Open a complete cache read-only.
+def open_cache(path: str | os.PathLike, verify: str = "auto", *,
+               seed: int | None = None) -> Cache:
+    """Open a complete cache read-only, after checking that it is the one that was built.
+
+    Always checked (cheap): the metadata is valid JSON with every key, unaltered (its own
+    sha256); every file has the recorded size; the arrays have the recorded dtype and shape.
 
     Parameters
     ----------
     path : path
         The cache folder (or its ``cache.json``).
+    verify : {"auto", "full", "size"}
+        How much content to hash against the sha256 of every 16 MiB block recorded at build
+        time. ``"full"``: every block (reads the whole cache once, at disk speed). ``"auto"``
+        (default): every block when the files total at most :data:`AUTO_FULL_BYTES` (2 GiB);
+        above that, the first, the last and randomly drawn blocks of each file,
+        :data:`SAMPLE_BLOCKS` (8) per file, so that an ImageNet-sized cache opens in seconds;
+        truncation and damaged ends are always caught, a damaged block elsewhere with a
+        probability that grows with each open. ``"size"``: no hashing.
+    seed : int, optional
+        Seeds the sampled blocks of ``"auto"``; ``None`` draws new blocks at each open.
 
     Raises
     ------
     FileNotFoundError
         No cache there, or an unfinished one (the message says how to resume it).
+    CorruptCacheError
+        A file is damaged, truncated or altered (the message names it and says what to do).
     ValueError
-        A file does not match the metadata.
+        Bad ``verify``, or ``"full"`` asked of a cache that holds no content checksums.
+
+    Notes
+    -----
+    Caches built before checksums existed, and synthetic caches (which record sizes only:
+    tests edit them in place and they are regenerated from a seed in seconds), are checked for
+    sizes and shapes only.
     """
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify={verify!r} is not one of {list(VERIFY_MODES)}.")
     folder = Path(path)
     if folder.name == METADATA_FILE:
         folder = folder.parent
     meta_path = folder / METADATA_FILE
     if not meta_path.exists():
         if (folder / PROGRESS_FILE).exists():
-            state = json.loads((folder / PROGRESS_FILE).read_text(encoding="utf-8"))
+            state = _read_json(folder / PROGRESS_FILE)
             raise FileNotFoundError(
                 f"the cache in {folder} is unfinished ({state.get('images_done')} of "
                 f"{state.get('request', {}).get('n_images')} images done); run build_cache "
                 "again with the same arguments to resume it.")
         raise FileNotFoundError(f"no activation cache in {folder} (no {METADATA_FILE}); build "
                                 "one with build_cache.")
-    metadata = json.loads(meta_path.read_text(encoding="utf-8"))
-    if metadata.get("format") != CACHE_FORMAT or not metadata.get("complete"):
-        raise ValueError(f"{meta_path} is not a complete {CACHE_FORMAT} cache; rebuild it.")
+    metadata = _read_json(meta_path)
+    if metadata.get("format") != CACHE_FORMAT or metadata.get("complete") is not True:
+        raise CorruptCacheError(f"{meta_path} is not a complete {CACHE_FORMAT} cache; "
+                                f"{_REBUILD}.")
+    _check_metadata(metadata, meta_path)
+    checksums = metadata.get("checksums")
+    if checksums is not None:
+        _check_sizes(folder, metadata)
+    elif verify == "full":
+        raise ValueError(f"the cache in {folder} holds no checksums (built by an older version); "
+                         "open it with verify='size', or rebuild it to add them.")
+
     arrays, stats = {}, {}
     for model in metadata["models"]:
-        array = np.load(folder / model["file"], mmap_mode="r")
+        array = _load_npy(folder / model["file"], mmap_mode="r")
         expected = (metadata["n_tokens"], model["width"])
         if array.shape != expected or array.dtype != DTYPE:
-            raise ValueError(f"{folder / model['file']} holds {array.dtype} {array.shape}, the "
-                             f"metadata says float16 {expected}; rebuild the cache.")
+            raise CorruptCacheError(f"{folder / model['file']} holds {array.dtype} {array.shape}, "
+                                    f"the metadata says float16 {expected}; {_REBUILD}.")
         arrays[model["name"]] = array
         stats[model["name"]] = (float(model["mean"]), float(model["std"]))
-    kept = np.load(folder / metadata["files"]["kept_images"])
-    grid_tokens = metadata["grid"] ** 2
+    kept = _load_npy(folder / metadata["files"]["kept_images"])
+    tokens, grid_tokens = metadata["tokens_per_image"], metadata["grid"] ** 2
+    if kept.shape != (metadata["n_images_kept"],) or kept.size * tokens != metadata["n_tokens"]:
+        raise CorruptCacheError(f"{folder / metadata['files']['kept_images']} holds "
+                                f"{kept.shape} image indices, the metadata says "
+                                f"{metadata['n_images_kept']} images of {tokens} tokens = "
+                                f"{metadata['n_tokens']} rows; {_REBUILD}.")
     if "positions" in metadata["files"]:
-        positions = np.load(folder / metadata["files"]["positions"])
+        positions = _load_npy(folder / metadata["files"]["positions"])
+        if positions.shape != (kept.size, tokens):
+            raise CorruptCacheError(f"{folder / metadata['files']['positions']} has shape "
+                                    f"{positions.shape}, expected {(kept.size, tokens)}; "
+                                    f"{_REBUILD}.")
     else:
         positions = np.broadcast_to(np.arange(grid_tokens, dtype=np.int16),
                                     (kept.size, grid_tokens))
+    if checksums is not None and verify != "size":
+        _check_content(folder, checksums, verify, seed)
     return Cache(folder, metadata, arrays, stats, kept, positions)
+
+
+_NUMBER = (int, float)
+_REQUIRED = {"n_tokens": int, "grid": int, "tokens_per_image": int, "n_images_kept": int,
+             "models": list, "files": dict, "images": dict}
+_REQUIRED_MODEL = {"name": str, "width": int, "file": str, "mean": _NUMBER, "std": _NUMBER}
+
+
+def _check_metadata(metadata: dict, path: Path) -> None:
+    """Every key the cache is read with is there, with the right type."""
+    def check(value: Any, key: str, kind: type | tuple, where: str = "") -> None:
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise CorruptCacheError(f"{path} has no valid {key!r}{where} (found {value!r:.60}): "
+                                    f"the file is damaged or was edited; {_REBUILD}.")
+
+    for key, kind in _REQUIRED.items():
+        check(metadata.get(key), key, kind)
+    check(metadata["models"] or None, "models", list, " (no model)")
+    for model in metadata["models"]:
+        check(model, "models", dict, " entry")
+        for key, kind in _REQUIRED_MODEL.items():
+            check(model.get(key), key, kind, f" for model {model.get('name')!r}")
+    check(metadata["files"].get("kept_images"), "kept_images", str, " in 'files'")
+    for name in [*(m["file"] for m in metadata["models"]), *metadata["files"].values()]:
+        if not isinstance(name, str) or Path(name).name != name:  # no path leaves the folder
+            check(None, "files", str, f" (bad file name {name!r})")
+
+
+def _check_sizes(folder: Path, metadata: dict) -> None:
+    """Sizes of every file and the metadata's own checksum: cheap, always done."""
+    checksums, meta_path = metadata["checksums"], folder / METADATA_FILE
+    if not isinstance(checksums, dict) or checksums.get("metadata_sha256") != \
+            _metadata_digest(metadata):
+        raise CorruptCacheError(f"{meta_path} differs from what the build wrote (its checksum "
+                                f"does not match): it was edited or damaged; {_REBUILD}.")
+    try:  # one hash per block (if any), and no path that leaves the folder
+        block = int(checksums["block_bytes"])
+        for name, info in checksums["files"].items():
+            count = max(1, -(-int(info["bytes"]) // block))
+            if Path(name).name != name or len(info.get("blocks", [None] * count)) != count:
+                raise ValueError(name)
+    except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError) as error:
+        raise CorruptCacheError(f"{meta_path} holds malformed checksums ({error!r}); "
+                                f"{_REBUILD}.") from error
+    for name, info in checksums["files"].items():
+        path = folder / name
+        size = path.stat().st_size if path.is_file() else None
+        if size != info["bytes"]:
+            found = "missing" if size is None else f"{size:,} bytes"
+            raise CorruptCacheError(f"{path} is {found}, the build wrote {info['bytes']:,} "
+                                    f"bytes: it was truncated, replaced or deleted; "
+                                    f"{_REBUILD}.")
+
+
+def _sample_blocks(count: int, rng: np.random.Generator) -> list[int]:
+    """First and last block (headers, truncation) and a random draw of the others."""
+    if count <= SAMPLE_BLOCKS:
+        return list(range(count))
+    middle = rng.choice(np.arange(1, count - 1), SAMPLE_BLOCKS - 2, replace=False)
+    return [0, *sorted(int(i) for i in middle), count - 1]
+
+
+def _check_content(folder: Path, checksums: dict, verify: str, seed: int | None) -> None:
+    """Hash every block (``full``, or ``auto`` on a small cache) or a sample (large cache)."""
+    files = checksums["files"]
+    if any("blocks" not in info for info in files.values()):
+        if verify == "full":
+            raise ValueError(f"the cache in {folder} records file sizes but no content "
+                             "checksums (a synthetic cache): open it with verify='size'.")
+        return
+    block = int(checksums["block_bytes"])
+    full = verify == "full" or sum(info["bytes"] for info in files.values()) <= AUTO_FULL_BYTES
+    rng = np.random.default_rng(seed)
+    for name, info in files.items():
+        count = len(info["blocks"])
+        chosen = list(range(count)) if full else _sample_blocks(count, rng)
+        for index, digest in zip(chosen, _block_hashes(folder / name, block, chosen)):
+            if digest != info["blocks"][index]:
+                start = index * block
+                raise CorruptCacheError(
+                    f"{folder / name}: bytes {start:,}..{min(start + block, info['bytes']):,} "
+                    f"differ from the checksum recorded when the cache was built: the file was "
+                    f"altered or damaged; {_REBUILD}.")
+
+
+def _load_npy(path: Path, mmap_mode: str | None = None) -> np.ndarray:
+    """``np.load`` without pickles, or a :class:`CorruptCacheError` naming the file."""
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:
+        raise CorruptCacheError(f"{path} is not a readable numpy array ({error}); "
+                                f"{_REBUILD}.") from error
 
 
 def make_synthetic_cache(out_dir: str | os.PathLike, widths: Mapping[str, int], n_images: int,
@@ -949,7 +1268,8 @@ def make_synthetic_cache(out_dir: str | os.PathLike, widths: Mapping[str, int], 
     The activations are ``acts`` (model name -> ``n_images * tokens_per_image x width``
     array, e.g. planted concepts) or, by default, seeded N(0, 1) noise. The cache has the same
     layout and metadata as a real one (models described as synthetic), so :func:`open_cache`
-    and :class:`TokenLoader` treat it the same.
+    and :class:`TokenLoader` treat it the same; but its checksums record file sizes only (no
+    content hashes): tests edit synthetic caches in place, and the seed regenerates them.
     """
     tokens = grid * grid if tokens_per_image is None else int(tokens_per_image)
     images = ImageSet(Path("synthetic"), tuple(f"{i:07d}.png" for i in range(n_images)),
@@ -960,18 +1280,20 @@ def make_synthetic_cache(out_dir: str | os.PathLike, widths: Mapping[str, int], 
               for name, width in widths.items()]
     request = _request(models, images, grid, tokens, seed, stats_sample)
     folder = Path(out_dir)
-    folder.mkdir(parents=True, exist_ok=True)
+    with _writing(folder):
+        folder.mkdir(parents=True, exist_ok=True)
     if rebuild:
         _remove_cache(folder)
     if (folder / METADATA_FILE).exists():
-        found = json.loads((folder / METADATA_FILE).read_text(encoding="utf-8"))
+        found = _read_json(folder / METADATA_FILE)
         _check_request(_request_of(found), request, folder, "the cache")
         return open_cache(folder)
     files = _array_files(list(widths))
     rng = np.random.default_rng(seed)
     for name, width in widths.items():
-        array = np.lib.format.open_memmap(folder / files[name], mode="w+", dtype=DTYPE,
-                                          shape=(n_images * tokens, width))
+        with _writing(_partial(folder / files[name])):
+            array = np.lib.format.open_memmap(_partial(folder / files[name]), mode="w+",
+                                              dtype=DTYPE, shape=(n_images * tokens, width))
         if acts is not None:
             given = np.asarray(acts[name], dtype=np.float32)
             if given.shape != array.shape:
@@ -984,7 +1306,7 @@ def make_synthetic_cache(out_dir: str | os.PathLike, widths: Mapping[str, int], 
         array.flush()
         del array
     _finalize(folder, request, models, images, grid, tokens, seed, stats_sample, [],
-              {"synthetic": True})
+              {"synthetic": True}, hash_content=False)
     return open_cache(folder)
 
 
@@ -1049,16 +1371,17 @@ class TokenLoader:
     def __init__(self, cache: Cache | str | os.PathLike, batch_size: int = 6272, seed: int = 0,
                  device: str | torch.device = "cpu", standardize: bool = False, *,
                  chunk_rows: int = 4096, buffer_chunks: int = 32, prefetch: bool = True) -> None:
-        if not isinstance(cache, Cache):
-            cache = open_cache(cache)
         for value, what, low in ((batch_size, "batch_size", 2), (chunk_rows, "chunk_rows", 1),
                                  (buffer_chunks, "buffer_chunks", 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{what} must be an integer >= {low}, got {value!r}"
                                  + (" (BatchNorm needs at least 2 tokens)."
                                     if what == "batch_size" else "."))
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}.")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {seed!r}.")
+        _check_device(device)
+        if not isinstance(cache, Cache):
+            cache = open_cache(cache)
         self.cache = cache
         self.batch_size = batch_size
         self.seed = seed

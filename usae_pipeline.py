@@ -130,29 +130,55 @@ class Experiment:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{key} must be an integer >= 0, got {value!r}.")
+        if self.seed >= 2**63:  # torch seeds are 64-bit
+            raise ValueError(f"seed must be below 2**63, got {self.seed}.")
         for key in ("epochs", "independent_epochs", "lr"):
             value = getattr(self, key)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                    not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{key} must be a positive number, got {value!r}.")
+        if not isinstance(self.quick, bool):
+            raise ValueError(f"quick must be True or False, got {self.quick!r}.")
         if self.k >= self.n_concepts:
             raise ValueError(f"k={self.k} must be smaller than n_concepts={self.n_concepts}.")
         if self.tokens_per_image > 196:
             raise ValueError(f"tokens_per_image={self.tokens_per_image} exceeds the 196 grid "
                              "positions of an image.")
+        if not isinstance(self.backbones, list) or \
+                not all(isinstance(name, str) for name in self.backbones):
+            raise ValueError(f"backbones must be a list of names, got {self.backbones!r}.")
         if len(set(map(model_key, self.backbones))) < 2:
             raise ValueError(f"a USAE needs at least two distinct models, got {self.backbones}.")
+        if self.preset != "synthetic":
+            import usae_backbones
+
+            known = usae_backbones.available_backbones()
+            for name in self.backbones:
+                base = name.removeprefix("random:")
+                if name not in known and not (base.startswith("timm:") and base != "timm:"):
+                    raise ValueError(f"unknown backbone {name!r}; choose from {known}, "
+                                     "'timm:<model_name>' or 'random:<name>'.")
+        if not isinstance(self.out, (str, os.PathLike)) or not str(self.out):
+            raise ValueError(f"out must be a folder path, got {self.out!r}.")
+        if self.folder.exists() and not self.folder.is_dir():
+            raise ValueError(f"the output folder {self.folder} exists and is not a folder.")
         if self.preset == "paper" and not self.images:
             raise ValueError("the paper preset needs --images: the ImageNet root holding train/ "
                              "and val/ (one folder per class).")
         if self.images is not None:
+            if not isinstance(self.images, (str, os.PathLike)):
+                raise ValueError(f"images must be a folder path, got {self.images!r}.")
             root = Path(self.images).expanduser()
             if not root.is_dir():
-                raise ValueError(f"image folder {root} does not exist: pass a folder of images "
-                                 "(flat, or one sub-folder per class).")
+                raise ValueError(f"image folder {root} does not exist or is not a folder: pass "
+                                 "a folder of images (flat, or one sub-folder per class).")
             if self.preset == "paper" and not (root / "train").is_dir():
                 raise ValueError(f"{root} has no train/ folder: pass the ImageNet root.")
             for folder in ((root / "train", root / "val") if self.preset == "paper" else (root,)):
                 cache_lib.list_images(folder)  # raises, naming the folder, when it holds none
+        if not isinstance(self.device, str) or \
+                not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}.")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} was asked for but no CUDA GPU is visible; "
                              "use --device cpu.")

@@ -25,7 +25,7 @@
 
 # %% tags=["parameters"]
 preset = "offline"  # offline | paper | synthetic
-out = "../results"  # caches, checkpoints, codes, metrics.json
+out = "../results/offline"  # caches, checkpoints, codes, metrics.json
 figures = "../figures"  # where the PNG figures go
 images = None  # a training image folder (offline) or the ImageNet root (paper)
 quick = False  # small sizes (CI)

@@ -25,7 +25,7 @@
 
 # %% tags=["parameters"]
 preset = "offline"  # offline | paper | synthetic
-out = "../results"  # caches, checkpoints, codes, metrics.json
+out = "../results/offline"  # caches, checkpoints, codes, metrics.json
 figures = "../figures"  # where the PNG figures go
 images = None  # a training image folder (offline) or the ImageNet root (paper)
 quick = False  # small sizes (CI)
@@ -60,7 +60,7 @@ print("concepts (high energy, firing entropy > 0.9):", universal)
 
 # %%
 if backbones:
-    config = actmax.MacoConfig(steps=6 if quick else 96, crops=1 if quick else 4)
+    config = actmax.MacoConfig(steps=6 if quick else 64, crops=1 if quick else 3)
     train_images = caches["train"].images
     photos = [cache_lib.open_image(train_images.absolute(i)).image
               for i in range(min(len(train_images), 64))]

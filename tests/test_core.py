@@ -1,5 +1,6 @@
 """Tests of usae_core: model, losses, schedule, training rule, checkpoints, bad input."""
 import math
+import os
 
 import numpy as np
 import pytest
@@ -508,3 +509,21 @@ def test_usae_recovers_planted_concepts_and_reconstructs_every_model(planted_run
         for name in held_out:
             recovered = synthetic.best_cosine(train_data.views[name], model.dictionary(name))
             assert recovered.mean() >= 0.9, (name, recovered.mean().item())
+
+
+def test_an_altered_checkpoint_byte_is_detected(tmp_path):
+    path = tmp_path / "model.safetensors"
+    core.save(core.USAE(DIMS, 16, 3, seed=0), path)
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0x01  # one bit of the last tensor
+    path.write_bytes(bytes(raw))
+    with pytest.raises(core.CheckpointError, match="fails its checksum"):
+        core.load(path)
+
+
+def test_written_files_get_a_normal_mode(tmp_path):
+    path = tmp_path / "model.safetensors"
+    core.save(core.USAE(DIMS, 16, 3, seed=0), path)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask

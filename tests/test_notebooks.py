@@ -82,3 +82,17 @@ def test_run_all_refuses_an_empty_image_folder_before_any_work_with_a_non_zero_e
     assert result.returncode != 0
     assert "no image found" in result.stderr
     assert not (tmp_path / "out").exists()  # refused before any work
+
+
+@pytest.mark.e2e
+def test_quick_run_is_deterministic_under_a_seed(quick_run, tmp_path):
+    out, _ = quick_run
+    first = (out / "metrics.json").read_bytes()
+    again = run_quick(tmp_path / "again", seed=0)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (tmp_path / "again" / "metrics.json").read_bytes() == first
+    other = run_quick(tmp_path / "other", seed=1)
+    assert other.returncode == 0, other.stderr[-3000:]
+    other_metrics = json.loads((tmp_path / "other" / "metrics.json").read_text())
+    assert other_metrics["seed"] == 1
+    assert other_metrics["r2_paper"] != json.loads(first)["r2_paper"]
