@@ -378,32 +378,6 @@ def consistency(usae_dictionary: Tensor, independent_dictionary: Tensor, *,
             "cosines": matched.cosines}
 
 
-def train_independent_saes(batches: Iterable[Mapping[str, Tensor]], dims: Mapping[str, int],
-                           n_concepts: int, k: int, steps: int, *, seed: int = 0,
-                           standardization: Mapping[str, tuple[float, float]] | None = None,
-                           **options) -> dict[str, core.USAE]:
-    """One ordinary TopK SAE per model, trained with the same core on the same tokens."""
-    saes = {}
-    for offset, (name, width) in enumerate(dims.items()):
-        sae = core.USAE({name: width}, n_concepts, k, seed=seed + offset)
-        if standardization is not None:
-            sae.set_standardization({name: standardization[name]})
-        single = ({name: batch[name]} for batch in _cycle(batches))
-        core.train(sae, single, steps, seed=seed + offset, **options)
-        saes[name] = sae
-    return saes
-
-
-def _cycle(batches: Iterable) -> Iterable:
-    while True:
-        produced = False
-        for batch in batches:
-            produced = True
-            yield batch
-        if not produced or iter(batches) is batches:
-            return
-
-
 # ----------------------------------------------------------------------------------------------
 # Model-unique concepts (section 4.6) and top images
 

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from usae_images import to_rgb
+
 __all__ = [
     "Backbone",
     "OFFLINE_DEFAULT",
@@ -172,40 +174,6 @@ class Preprocessing:
         mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
         return (x - mean) / std
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert a PIL image of any common mode to 8-bit RGB.
-
-    Alpha is dropped rather than composited, as ``torchvision``'s default loader
-    (``img.convert("RGB")``) does in the released pipeline. High-bit-depth greyscale is rescaled
-    instead of clipped: PIL's own ``convert`` would saturate every value above 255 to white.
-
-    Parameters
-    ----------
-    image : PIL.Image.Image
-
-    Returns
-    -------
-    PIL.Image.Image
-        Mode ``"RGB"``.
-    """
-    mode = image.mode
-    if mode == "RGB":
-        return image
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        a = np.asarray(image, dtype=np.float64)
-        if mode.startswith("I;16"):
-            scale = 65535.0
-        else:
-            # "I" and "F" carry no range. PIL's own convert("I"/"F") from 8-bit keeps 0..255,
-            # while 16-bit PNGs may open as "I": decide by the values actually present.
-            scale = 65535.0 if a.size and a.max() > 255 else 255.0
-        a = np.clip(np.rint(a / scale * 255.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(a).convert("RGB")  # 2-D uint8 -> "L"
-    if mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")  # avoids PIL's warning about palette transparency
-    return image.convert("RGB")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -26,7 +26,6 @@ import json
 import math
 import os
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple
@@ -451,14 +450,3 @@ def update_metrics(exp: Experiment, section: Mapping[str, Any]) -> dict:
     metrics.update(section)
     analysis.write_metrics(path, metrics)
     return json.loads(path.read_text())
-
-
-class Timer:
-    """``with Timer() as t: ...; t.seconds`` — for the notebooks' "how long it took" lines."""
-
-    def __enter__(self):
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.start

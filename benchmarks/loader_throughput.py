@@ -54,6 +54,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=6272)
     parser.add_argument("--batches", type=int, default=64, help="timed batches per row")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--trainer-steps", type=int, default=2,
+                        help="trainer steps timed at n=6144, k=32 on the same batches (0: skip)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -91,12 +93,37 @@ def main() -> None:
         print(f"\n| {'loader':<36} | {'first batch s':>13} | {'batches/s':>9} | "
               f"{'tokens/s':>12} | {'MB/s':>8} |")
         print(f"|{'-' * 38}|{'-' * 15}|{'-' * 11}|{'-' * 14}|{'-' * 10}|")
+        measured = {}
         for label, options in rows:
             first, tokens, mb = measure(cache, args.batches, batch_size=args.batch_size,
                                         **options)
             print(f"| {label:<36} | {first:>13.3f} | {tokens / args.batch_size:>9.1f} | "
                   f"{tokens:>12,.0f} | {mb:>8,.0f} |")
+            measured[label] = tokens
+        if args.trainer_steps:
+            consumed = trainer_tokens_per_second(cache, args.batch_size, args.trainer_steps)
+            print(f"\ntrainer consumption (n=6144, k=32, default options, this device): "
+                  f"{consumed:,.0f} tokens/s")
+            print(f"loader (default) / trainer = {measured[rows[0][0]] / consumed:,.1f}x")
         del cache
+
+
+def trainer_tokens_per_second(cache: usae_cache.Cache, batch_size: int, steps: int) -> float:
+    """Tokens/s that usae_core.Trainer consumes at the paper's sizes on these batches."""
+    import usae_core
+
+    model = usae_core.USAE(cache.widths, n_concepts=6144, k=32, seed=0)
+    model.set_standardization(cache.standardization)
+    loader = iter(usae_cache.TokenLoader(cache, batch_size=batch_size))
+    batches = [{n: model.standardize(n, t) for n, t in next(loader).items()}
+               for _ in range(steps + 1)]
+    trainer = usae_core.Trainer(model, usae_core.TrainConfig(), total_steps=steps + 1, seed=0)
+    model.train()
+    trainer.step(batches[0])  # warm-up: first calls allocate
+    start = time.perf_counter()
+    for batch in batches[1:]:
+        trainer.step(batch)
+    return steps * batch_size / (time.perf_counter() - start)
 
 
 if __name__ == "__main__":
