@@ -318,15 +318,16 @@ def _renamed(cache: cache_lib.Cache, names: list[str]) -> dict[str, str]:
 
 
 def batches_for(cache: cache_lib.Cache, names: list[str], batch_tokens: int, seed: int,
-                device: str):
-    """A seekable loader whose batches use the USAE's model names."""
+                device: str, keep: list[str] | None = None):
+    """A seekable loader whose batches use the USAE's model names (only ``keep``'s, if given)."""
     loader = cache_lib.TokenLoader(cache, batch_size=batch_tokens, seed=seed, device=device)
     rename = _renamed(cache, names)
+    kept = set(names if keep is None else keep)
 
     class Renamed:
         def iter_from(self, step):
             for batch in loader.iter_from(step):
-                yield {rename[k]: v for k, v in batch.items()}
+                yield {rename[k]: v for k, v in batch.items() if rename[k] in kept}
 
     return Renamed()
 
@@ -370,14 +371,8 @@ def train_independent(exp: Experiment, train_cache: cache_lib.Cache, *,
         sae = core.USAE({name: width}, exp.n_concepts, exp.k, seed=exp.seed + 100 + offset)
         sae.set_standardization({name: train_cache.standardization[backbone_name]})
         loader = batches_for(train_cache, exp.names, exp.batch_tokens, exp.seed + offset,
-                             exp.device)
-
-        class Single:
-            def iter_from(self, step, name=name):
-                for batch in loader.iter_from(step):
-                    yield {name: batch[name]}
-
-        core.train(sae, Single(), _steps(exp, train_cache, exp.independent_epochs),
+                             exp.device, keep=[name])
+        core.train(sae, loader, _steps(exp, train_cache, exp.independent_epochs),
                    seed=exp.seed + offset, lr=exp.lr, device=exp.device, progress=progress,
                    checkpoint_path=str(exp.folder / f"sae_{name}.safetensors"),
                    checkpoint_every=500)
