@@ -22,7 +22,7 @@ from torch import Tensor
 
 import usae_core as core
 
-FIRING_THRESHOLD = 0.1  # tau of the released analysis code, on standardised-scale codes
+FIRING_THRESHOLD = core.FIRING_THRESHOLD  # tau of the released code, on standardised codes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,6 +168,8 @@ def encode_dataset(model: core.USAE, batches: Iterable[Mapping[str, Tensor]], *,
     accumulators = {(s, t): ReconstructionAccumulator(model.dims[t]) for s in names for t in names}
     parts: dict[str, list[SparseCodes]] = {name: [] for name in names}
     dictionaries = {name: model.dictionary(name).to(device) for name in names}
+    # Metrics in the released scalar standardisation's frame, also when channels are centred.
+    offsets = {name: model.scalar_frame_offset(name).to(device) for name in names}
     for batch in batches:
         targets = {n: model.standardize(n, batch[n].to(device, torch.float32)) for n in names}
         for source in names:
@@ -176,7 +178,8 @@ def encode_dataset(model: core.USAE, batches: Iterable[Mapping[str, Tensor]], *,
             parts[source].append(codes)
             for target in names:
                 recon = encoding.codes @ dictionaries[target]
-                accumulators[source, target].update(targets[target], recon)
+                accumulators[source, target].update(targets[target] + offsets[target],
+                                                    recon + offsets[target])
     if not parts[names[0]]:
         raise ValueError("encode_dataset got no batches: the token set is empty.")
     matrix = {key: [[getattr(accumulators[s, t], key)() for t in names] for s in names]

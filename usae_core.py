@@ -77,6 +77,9 @@ class ModelPair(nn.Module):
         self.raw_dictionary = nn.Parameter(torch.randn(n_concepts, width))
         self.register_buffer("act_mean", torch.zeros((), dtype=torch.float64))
         self.register_buffer("act_std", torch.ones((), dtype=torch.float64))
+        # Per-channel mean minus act_mean: zero under the released scalar standardisation; with
+        # channel centring it plays the role of the paper's b_pre (Eq. 1), fixed to the data mean.
+        self.register_buffer("channel_offset", torch.zeros(width))
 
     def dictionary(self) -> Tensor:
         norms = self.raw_dictionary.norm(dim=1, keepdim=True)
@@ -161,39 +164,77 @@ class USAE(nn.Module):
         """Model name -> (mean, std) scalars applied on the way in and out."""
         return {n: (p.act_mean.item(), p.act_std.item()) for n, p in self.pairs.items()}
 
-    def set_standardization(self, stats: Mapping[str, tuple[float, float]]) -> None:
-        """Set the scalar mean and std of every model (e.g. from an activation cache)."""
+    def set_standardization(self, stats: Mapping[str, tuple[float, float]],
+                            channel_means: Mapping[str, Tensor] | None = None) -> None:
+        """Set the scalar mean and std of every model (e.g. from an activation cache).
+
+        With ``channel_means`` (model name -> per-channel mean of the raw activations), every
+        channel is also centred on its own mean: the USAE then spends no concept on the mean
+        activation, which a CNN's final map (a large, channel-dependent offset) otherwise costs.
+        The scale stays the one scalar std, so directions and relative norms are kept.
+        """
         missing = set(self.dims) - set(stats)
         if missing:
             raise ValueError(f"standardisation statistics are missing for {sorted(missing)}.")
+        offsets = {}
         for name in self.dims:
             mean, std = (float(v) for v in stats[name])
             if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
                 raise ValueError(f"standardisation of {name!r} needs a finite mean and a "
                                  f"positive std, got mean={mean}, std={std}.")
-            self.pairs[name].act_mean.fill_(mean)
-            self.pairs[name].act_std.fill_(std)
+            offsets[name] = torch.zeros(self.dims[name])
+            if channel_means is not None:
+                means = torch.as_tensor(channel_means[name], dtype=torch.float64).flatten()
+                if means.shape != (self.dims[name],) or not torch.isfinite(means).all():
+                    raise ValueError(f"channel means of {name!r} must be {self.dims[name]} "
+                                     f"finite values, got shape {tuple(means.shape)}.")
+                offsets[name] = (means - mean).float()
+        for name in self.dims:
+            pair = self.pairs[name]
+            pair.act_mean.fill_(float(stats[name][0]))
+            pair.act_std.fill_(float(stats[name][1]))
+            pair.channel_offset.copy_(offsets[name])
         self.standardization_fitted.fill_(True)
 
-    def fit_standardization(self, sample: Mapping[str, Tensor]) -> dict[str, tuple[float, float]]:
-        """Fit one scalar mean and (unbiased) std per model over every entry of ``sample``."""
-        stats = {}
+    def fit_standardization(self, sample: Mapping[str, Tensor], *,
+                            centre_channels: bool = False) -> dict[str, tuple[float, float]]:
+        """Fit one scalar mean and (unbiased) std per model over every entry of ``sample``
+        (and, with ``centre_channels``, the per-channel means; see :meth:`set_standardization`)."""
+        stats, means = {}, {}
         for name in self.dims:
             if name not in sample:
                 raise ValueError(f"the standardisation sample has no activations of {name!r}.")
             self._check_acts(name, sample[name])
             values = sample[name].detach().to(torch.float64)
             stats[name] = (values.mean().item(), values.std().item())
-        self.set_standardization(stats)
+            means[name] = values.mean(dim=0)
+        self.set_standardization(stats, means if centre_channels else None)
         return stats
+
+    @property
+    def channel_centred(self) -> bool:
+        """Whether the standardisation also centres every channel on its own mean."""
+        return any(bool(p.channel_offset.any()) for p in self.pairs.values())
 
     def standardize(self, name: str, acts: Tensor) -> Tensor:
         pair = self._pair(name)
-        return (acts - pair.act_mean.float()) / (pair.act_std.float() + STD_EPS)
+        return (acts - pair.act_mean.float() - pair.channel_offset) / (pair.act_std.float()
+                                                                        + STD_EPS)
 
     def unstandardize(self, name: str, acts: Tensor) -> Tensor:
         pair = self._pair(name)
-        return acts * (pair.act_std.float() + STD_EPS) + pair.act_mean.float()
+        return (acts * (pair.act_std.float() + STD_EPS) + pair.act_mean.float()
+                + pair.channel_offset)
+
+    def scalar_frame_offset(self, name: str) -> Tensor:
+        """What turns standardised values into the released scalar standardisation's values.
+
+        ``standardize(a) + offset == (a - mean) / (std + eps)``: zero unless channels are
+        centred. Metrics that the paper reports in its frame (the global-mean R^2) add it to
+        both the target and the reconstruction.
+        """
+        pair = self._pair(name)
+        return pair.channel_offset / (pair.act_std.float() + STD_EPS)
 
     # -- encode / decode ------------------------------------------------------------------------
 
@@ -270,6 +311,8 @@ def mse_loss(target: Tensor, recon: Tensor, pre_codes: Tensor, codes: Tensor,
 
 LOSSES: dict[str, Callable[..., Tensor]] = {
     "l1_aux": l1_aux_loss, "frobenius": frobenius_loss, "mse": mse_loss}
+DICTIONARY_INITS = ("randn", "unit", "tokens")
+FIRING_THRESHOLD = 0.1  # a concept fires on a token when its code exceeds this (released tau)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,6 +358,18 @@ class TrainConfig:
         ``fp32`` as released (default). ``bf16`` runs the encoder and decoder matmuls under
         bf16 autocast; BatchNorm, TopK, losses and metrics stay fp32. Faster where bf16
         matmuls are (GPUs, recent CPUs), but it changes results beyond rounding.
+    dictionary_init : {"randn", "unit", "tokens"}
+        ``randn``: raw rows ``torch.randn`` (norm about sqrt(d)), as released (default). Adam
+        moves each raw entry by about ``lr`` per step, so such rows turn by only about
+        ``lr * steps / sqrt(d)`` radians: a short run barely leaves its random start.
+        ``unit``: the same random directions rescaled to unit norm, so the same steps turn them
+        sqrt(d) times faster. ``tokens``: row c of every model's dictionary is that model's
+        standardised token at the same randomly drawn row of the first batch (one draw shared by
+        all models, so concept c starts as "what every model sees at token t_c").
+    encoder_init : {"default", "transpose"}
+        ``default``: PyTorch's Linear initialisation, as released. ``transpose``: every
+        encoder starts as its dictionary's transpose (zero bias), as Gao et al. (2024), so that
+        concept c first fires where a token points along its dictionary row.
     sparse_decode : bool
         Decode the k selected concepts of each token as a weighted sum of k dictionary rows
         (``F.embedding_bag``) instead of a dense ``codes @ D``: the same values up to float
@@ -340,10 +395,13 @@ class TrainConfig:
     progress: bool = True
     precision: str = "fp32"
     sparse_decode: bool = False
+    dictionary_init: str = "randn"
+    encoder_init: str = "default"
 
     def validate(self) -> None:
         choices = {"loss": LOSSES, "update": ("released", "all_decoders"),
-                   "schedule": ("paper", "released"), "precision": ("fp32", "bf16")}
+                   "schedule": ("paper", "released"), "precision": ("fp32", "bf16"),
+                   "dictionary_init": DICTIONARY_INITS, "encoder_init": ("default", "transpose")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}={getattr(self, key)!r} is not one of {sorted(allowed)}.")
@@ -379,7 +437,8 @@ class TrainConfig:
     # Options that change what a run computes: a resumed run must agree on all of them.
     # sparse_decode is not one: it changes only the float rounding, like the device does.
     MATH_FIELDS = ("loss", "aux_weight", "update", "schedule", "lr", "final_lr",
-                   "weight_decay", "warmup_steps", "grad_clip", "precision")
+                   "weight_decay", "warmup_steps", "grad_clip", "precision", "dictionary_init",
+                   "encoder_init")
 
 
 def scheduled_lr(step: int, total_steps: int, warmup_steps: int, base_lr: float,
@@ -429,6 +488,87 @@ class Trainer:
         self.updates = dict.fromkeys(model.names, 0)  # optimizer steps taken per model
         self.generator = torch.Generator().manual_seed(seed)
         self.step_count = 0
+        self.history: list[dict] = []  # one row per log interval, kept across resumes
+        # The dictionaries right after initialisation: how far training moved them is the first
+        # thing to check (a run whose rows still point where they started has learned nothing).
+        self.initial_dictionaries: dict[str, Tensor] = {}
+        device = next(model.parameters()).device
+        m, n = len(model.names), model.n_concepts
+        self._r2_sums = torch.zeros(m, m, device=device)  # source x target, this interval
+        self._source_steps = torch.zeros(m, device=device)
+        self._fires = torch.zeros(m, n, dtype=torch.long, device=device)
+
+    @torch.no_grad()
+    def initialise(self, batch: Mapping[str, Tensor]) -> None:
+        """Apply ``dictionary_init`` and ``encoder_init`` using the first standardised batch,
+        and keep the dictionaries they give as the reference of the movement measure."""
+        model, cfg = self.model, self.config
+        if cfg.dictionary_init == "tokens":
+            tokens = len(next(iter(batch.values())))
+            if tokens < model.n_concepts:
+                raise ValueError(f"dictionary_init='tokens' draws n_concepts={model.n_concepts} "
+                                 f"tokens from the first batch, which has {tokens}: use "
+                                 "batches of at least n_concepts tokens, or another init.")
+            # Its own generator, so that the draw of source models does not depend on the init.
+            draw = torch.Generator().manual_seed(self.seed + 1)
+            rows = torch.randperm(tokens, generator=draw)[:model.n_concepts]
+        for name, pair in model.pairs.items():
+            raw = pair.raw_dictionary
+            if cfg.dictionary_init == "unit":
+                raw.div_(raw.norm(dim=1, keepdim=True) + DICTIONARY_EPS)
+            elif cfg.dictionary_init == "tokens":
+                chosen = batch[name][rows.to(raw.device)].to(raw.dtype)
+                raw.copy_(chosen / (chosen.norm(dim=1, keepdim=True) + DICTIONARY_EPS))
+            if cfg.encoder_init == "transpose":
+                pair.linear.weight.copy_(pair.dictionary())
+                pair.linear.bias.zero_()
+        self.initial_dictionaries = {name: model.dictionary(name).detach().clone()
+                                     for name in model.names}
+
+    def dictionary_cosine_to_init(self) -> dict[str, float | None]:
+        """Per model, the median over concepts of the cosine between each dictionary row now and
+        right after initialisation (1: nothing moved); ``None`` when the start is unknown."""
+        result = {}
+        for name in self.model.names:
+            start = self.initial_dictionaries.get(name)
+            result[name] = None if start is None else (
+                (self.model.dictionary(name).detach() * start).sum(dim=1).median().item())
+        return result
+
+    @torch.no_grad()
+    def _track(self, source: str, targets: Mapping[str, Tensor], recons: Mapping[str, Tensor],
+               indices: Tensor, values: Tensor) -> None:
+        """Accumulate this step's training-batch R^2 (released form, in the scalar frame) and
+        firings on the device; :meth:`read_interval` turns them into a history row."""
+        names = self.model.names
+        row = names.index(source)
+        for column, name in enumerate(names):
+            offset = self.model.scalar_frame_offset(name)
+            error = (targets[name] - recons[name]).square().mean()
+            variance = (targets[name] + offset).var(unbiased=False)
+            self._r2_sums[row, column] += 1 - error / (variance + 1e-6)
+        self._source_steps[row] += 1
+        fired = indices[values > FIRING_THRESHOLD]
+        self._fires[row] += torch.bincount(fired, minlength=self.model.n_concepts)
+
+    def read_interval(self) -> dict:
+        """R^2 matrix, dead fractions and dictionary movement since the last call; resets."""
+        names = self.model.names
+        steps = self._source_steps.tolist()
+        r2 = self._r2_sums.tolist()
+        fires = self._fires.cpu()
+        seen = [i for i, count in enumerate(steps) if count > 0]
+        row = {"r2": {names[i]: {t: r2[i][j] / steps[i] for j, t in enumerate(names)}
+                      for i in seen},
+               # among the sources drawn in the interval: concepts their encoder never fired
+               "dead_fraction": {names[i]: (fires[i] == 0).double().mean().item() for i in seen},
+               "dead_fraction_all": (fires.sum(dim=0) == 0).double().mean().item()
+               if len(seen) == len(names) else None,
+               "dictionary_cosine_to_init": self.dictionary_cosine_to_init()}
+        self._r2_sums.zero_()
+        self._source_steps.zero_()
+        self._fires.zero_()
+        return row
 
     def draw_source(self) -> str:
         index = torch.randint(len(self.model.names), (1,), generator=self.generator).item()
@@ -468,9 +608,11 @@ class Trainer:
                 recons = {name: F.embedding_bag(encoding.indices, d, per_sample_weights=values,
                                                 mode="sum") if cfg.sparse_decode
                           else encoding.codes @ d for name, d in dictionaries.items()}
+            recons = {name: recon.float() for name, recon in recons.items()}
             losses = torch.stack([
-                self.loss_fn(batch[name], recons[name].float(), encoding.pre_codes,
+                self.loss_fn(batch[name], recons[name], encoding.pre_codes,
                              encoding.codes, dictionaries[name]) for name in model.names])
+            self._track(source, batch, recons, encoding.indices, values)
         losses.sum().backward()
 
         for name in stepped:
@@ -522,19 +664,23 @@ class Trainer:
             wide_recon = torch.cat([wide @ d for d in groups], dim=1)
         recon, wide_recon = recon.float(), wide_recon.float()
 
-        terms, start = {}, 0
+        terms, recons, start = {}, {}, 0
         for name in learning + frozen:  # the column order of the decodes
             target, stop = batch[name], start + batch[name].shape[1]
-            main = (target - recon[:, start:stop]).abs().mean()
+            recons[name] = recon[:, start:stop]
+            main = (target - recons[name]).abs().mean()
             aux = (target - wide_recon[:, start:stop]).abs().mean()
             terms[name] = main + cfg.aux_weight * aux
             start = stop
+        self._track(source, batch, recons, indices, values)
         return torch.stack([terms[name] for name in model.names])
 
     # -- state for checkpoints ------------------------------------------------------------------
 
     def state_tensors(self) -> dict[str, Tensor]:
         tensors = {"trainer.generator_state": self.generator.get_state()}
+        for name, start in self.initial_dictionaries.items():
+            tensors[f"trainer.initial_dictionary.{name}"] = start
         for name, optimizer in self.optimizers.items():
             for index, state in optimizer.state_dict()["state"].items():
                 for key, value in state.items():
@@ -547,7 +693,8 @@ class Trainer:
                   for name, opt in self.optimizers.items()}
         return {"config": dataclasses.asdict(self.config), "seed": self.seed,
                 "total_steps": self.total_steps, "step": self.step_count,
-                "updates": dict(self.updates), "param_groups": groups}
+                "updates": dict(self.updates), "param_groups": groups,
+                "history": self.history}
 
     def load_state(self, meta: dict, tensors: Mapping[str, Tensor]) -> None:
         self.generator.set_state(tensors["trainer.generator_state"])
@@ -567,6 +714,11 @@ class Trainer:
             optimizer.load_state_dict({"state": state, "param_groups": groups})
         self.updates = dict(meta["updates"])
         self.step_count = meta["step"]
+        self.history = list(meta.get("history", []))
+        device = next(self.model.parameters()).device
+        self.initial_dictionaries = {
+            name: tensors[f"trainer.initial_dictionary.{name}"].to(device)
+            for name in self.model.names if f"trainer.initial_dictionary.{name}" in tensors}
 
 
 def _check_batch(model: USAE, batch: Any, step: int) -> None:
@@ -651,7 +803,7 @@ def train(model: USAE, batches: Iterable[Mapping[str, Tensor]], steps: int, seed
         _resume(trainer, path)
     model.train()
     device = next(model.parameters()).device
-    history: list[dict] = []
+    history = trainer.history
     sums = torch.zeros(len(model.names), device=device)
     sources = dict.fromkeys(model.names, 0)
     since_log = 0
@@ -662,7 +814,8 @@ def train(model: USAE, batches: Iterable[Mapping[str, Tensor]], steps: int, seed
         history.append({"step": trainer.step_count, "loss": sum(values),
                         "loss_by_target": dict(zip(model.names, values)),
                         "steps_by_source": dict(sources),
-                        "lr": {name: trainer._lr(name) for name in model.names}})
+                        "lr": {name: trainer._lr(name) for name in model.names},
+                        **trainer.read_interval()})
         sums.zero_()
         sources.update(dict.fromkeys(sources, 0))
         since_log = 0
@@ -684,6 +837,8 @@ def train(model: USAE, batches: Iterable[Mapping[str, Tensor]], steps: int, seed
                 fitted = True
             batch = {n: model.standardize(n, t.to(device, torch.float32, non_blocking=True))
                      for n, t in batch.items()}
+            if trainer.step_count == 0:
+                trainer.initialise(batch)
             source = trainer.draw_source()
             sums += trainer.step(batch, source)
             sources[source] += 1
@@ -819,6 +974,8 @@ def _read_checkpoint(path: Path) -> tuple[dict, dict[str, Tensor]]:
 
 def _load_model_state(model: USAE, header: dict, tensors: Mapping[str, Tensor], path: Path) -> None:
     state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    for name, width in model.dims.items():  # written before channel centring existed
+        state.setdefault(f"pairs.{name}.channel_offset", torch.zeros(width))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:

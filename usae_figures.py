@@ -7,12 +7,16 @@ say how our run compares, and with which models.
 """
 from __future__ import annotations
 
+import itertools
+import textwrap
+import warnings
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
 import seaborn as sns
+from matplotlib.text import Text
 
 PAPER = {
     "models": ["SigLIP", "DinoV2", "ViT"],
@@ -31,10 +35,86 @@ PAPER = {
 }
 
 
+# ----------------------------------------------------------------------------------------------
+# Layout: wrapped titles, captions under everything, and a check that no two texts overlap
+
+_CHAR_WIDTH_EM = 0.6  # a generous mean glyph width of DejaVu Sans, in units of the font size
+
+
+def wrap(text: str, width_inches: float, fontsize: float) -> str:
+    """``text`` broken into lines that fit ``width_inches`` at ``fontsize`` points."""
+    chars = max(12, int(width_inches * 72 / (_CHAR_WIDTH_EM * fontsize)))
+    return "\n".join(textwrap.fill(line, chars) for line in text.split("\n"))
+
+
+def wrapped_title(ax: plt.Axes, text: str, fontsize: float = 9) -> None:
+    """An axes title wrapped to the axes' width, so that neighbouring titles never collide."""
+    width = ax.get_position().width * ax.figure.get_figwidth()
+    ax.set_title(wrap(text, width, fontsize), fontsize=fontsize)
+
+
+def _drawn(fig: plt.Figure):
+    """Lay ``fig`` out and return its renderer (a pyplot-free Figure gets an Agg canvas)."""
+    if not hasattr(fig.canvas, "get_renderer"):
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        FigureCanvasAgg(fig)
+    fig.canvas.draw()
+    return fig.canvas.get_renderer()
+
+
+def add_caption(fig: plt.Figure, text: str, fontsize: float = 8) -> plt.Figure:
+    """Put ``text`` under everything already drawn in ``fig``, wrapped to the figure's width."""
+    bottom = fig.get_tightbbox(_drawn(fig)).y0  # inches from the figure's bottom
+    fig.text(0.01, (bottom - 0.08) / fig.get_figheight(), wrap(text, fig.get_figwidth(), fontsize),
+             fontsize=fontsize, ha="left", va="top")
+    return fig
+
+
+def _drawn_texts(fig: plt.Figure) -> list[Text]:
+    """Every visible, non-empty text of ``fig``; tick labels only for ticks inside the view."""
+    tick_labels, shown = set(), []
+    for ax in fig.get_axes():
+        for axis in (ax.xaxis, ax.yaxis):
+            low, high = sorted(axis.get_view_interval())
+            span = (high - low) * 1e-9
+            for tick in axis.get_major_ticks() + axis.get_minor_ticks():
+                for label in (tick.label1, tick.label2):
+                    tick_labels.add(id(label))
+                    if low - span <= tick.get_loc() <= high + span:
+                        shown.append(label)
+    shown += [t for t in fig.findobj(Text) if id(t) not in tick_labels]
+    return [t for t in shown if t.get_visible() and t.get_text().strip()]
+
+
+def text_overlaps(fig: plt.Figure, tolerance: float = 1.0) -> list[tuple[str, str]]:
+    """Pairs of texts of ``fig`` whose rendered boxes overlap by more than ``tolerance`` pixels
+    in both directions (titles, captions, axis and tick labels, legends, annotations).
+
+    Boxes are upright, so a rotated text is judged by the upright box around it: stricter than
+    the glyphs themselves, never more lenient.
+    """
+    renderer = _drawn(fig)
+    boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in _drawn_texts(fig)]
+    overlaps = []
+    for (text_a, a), (text_b, b) in itertools.combinations(boxes, 2):
+        width = min(a.x1, b.x1) - max(a.x0, b.x0)
+        height = min(a.y1, b.y1) - max(a.y0, b.y0)
+        if width > tolerance and height > tolerance:
+            overlaps.append((text_a, text_b))
+    return overlaps
+
+
 def save(fig: plt.Figure, folder: str | Path, name: str) -> Path:
-    """Save ``fig`` as ``<folder>/<name>.png``, show it once in a notebook, and close it."""
+    """Save ``fig`` as ``<folder>/<name>.png``, show it once in a notebook, and close it.
+
+    Warns when two of its texts overlap (a figure nobody can read is a defect).
+    """
     path = Path(folder) / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
+    overlaps = text_overlaps(fig)
+    if overlaps:
+        warnings.warn(f"{name}: overlapping texts {overlaps[:3]}", stacklevel=2)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     try:
         from IPython import get_ipython
@@ -50,14 +130,17 @@ def save(fig: plt.Figure, folder: str | Path, name: str) -> Path:
 def r2_matrix(matrix: Sequence[Sequence[float]], names: Sequence[str], *, title: str,
               caption: str) -> plt.Figure:
     """Fig. 5: the cross-model R^2 heatmap, rows = encoder (source), columns = decoder."""
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(names), 1.2 + 1.1 * len(names)))
+    fig, ax = plt.subplots(figsize=(2.8 + 1.7 * len(names), 1.6 + 1.0 * len(names)),
+                           layout="constrained")
     sns.heatmap(np.asarray(matrix), annot=True, fmt=".2f", cmap="viridis", vmin=0, vmax=1,
                 xticklabels=names, yticklabels=names, ax=ax, cbar_kws={"label": "R²"})
+    # Horizontal labels: text_overlaps compares upright boxes, and they read best anyway.
+    ax.set_xticklabels(names, rotation=0, fontsize=8)
+    ax.set_yticklabels(names, rotation=0, fontsize=8)
     ax.set_xlabel("decoded into (target)")
     ax.set_ylabel("encoded from (source)")
-    ax.set_title(title)
-    fig.text(0.01, -0.04, caption, fontsize=8, wrap=True)
-    return fig
+    ax.set_title(title, fontsize=10)
+    return add_caption(fig, caption)
 
 
 def reconstruction_table(rows: Sequence[Sequence], header: Sequence[str], *, title: str,
@@ -71,8 +154,7 @@ def reconstruction_table(rows: Sequence[Sequence], header: Sequence[str], *, tit
     table.set_fontsize(8)
     table.scale(1, 1.3)
     ax.set_title(title)
-    fig.text(0.01, 0.0, caption, fontsize=8, wrap=True)
-    return fig
+    return add_caption(fig, caption)
 
 
 STAND_INS = {"celeba": "CelebA", "dtd": "DTD"}  # split-name fragment -> paper's data set
@@ -104,21 +186,20 @@ def table1(names: Sequence[str], val, ood: Mapping[str, object], *,
 
 def firing_entropy_histogram(entropy: Sequence[float], n_models: int, *, caption: str) -> plt.Figure:
     """Fig. 6a: concepts per firing-entropy bin (30 bins on [0, 1])."""
-    fig, ax = plt.subplots(figsize=(6, 3.4))
+    fig, ax = plt.subplots(figsize=(6, 3.4), layout="constrained")
     ax.hist(entropy, bins=30, range=(0, 1), color="#4c72b0")
     for share in range(2, n_models + 1):  # a concept firing equally in `share` of the models
         ax.axvline(np.log(share) / np.log(n_models), color="grey", ls=":", lw=1)
     ax.set_xlabel("firing entropy (1: fires equally in every model)")
     ax.set_ylabel("concepts")
-    ax.set_title(f"Firing entropy (paper: {PAPER['firing_entropy_peaks']})", fontsize=9)
-    fig.text(0.01, -0.06, caption, fontsize=8, wrap=True)
-    return fig
+    wrapped_title(ax, f"Firing entropy (paper: {PAPER['firing_entropy_peaks']})")
+    return add_caption(fig, caption)
 
 
 def cofire_proportion_curves(proportions: Mapping[str, Sequence[float]], *,
                              caption: str) -> plt.Figure:
     """Fig. 6b: each model's co-fire proportion against concept rank (top concepts by energy)."""
-    fig, ax = plt.subplots(figsize=(6, 3.4))
+    fig, ax = plt.subplots(figsize=(6, 3.4), layout="constrained")
     means = []
     for name, values in proportions.items():
         ax.plot(np.sort(np.asarray(values))[::-1], label=f"{name} (mean {np.mean(values):.3f})")
@@ -126,19 +207,18 @@ def cofire_proportion_curves(proportions: Mapping[str, Sequence[float]], *,
     paper = PAPER["cofire_proportion_top1000"]
     ax.set_xlabel("concept rank (sorted by co-fire proportion)")
     ax.set_ylabel("co-fire proportion")
-    ax.set_title(f"Co-fire proportion, ours overall {np.mean(means):.3f}; paper overall "
-                 f"{paper['overall']} (SigLIP {paper['SigLIP']}, DinoV2 {paper['DinoV2']}, "
-                 f"ViT {paper['ViT']})", fontsize=8)
+    wrapped_title(ax, f"Co-fire proportion, ours overall {np.mean(means):.3f}; paper overall "
+                      f"{paper['overall']} (SigLIP {paper['SigLIP']}, DinoV2 {paper['DinoV2']}, "
+                      f"ViT {paper['ViT']})", fontsize=8)
     ax.legend(fontsize=8)
-    fig.text(0.01, -0.06, caption, fontsize=8, wrap=True)
-    return fig
+    return add_caption(fig, caption)
 
 
 def energy_vs_cofires(cofires: Sequence[float], energy: Sequence[float], fits: Mapping,
                       *, caption: str) -> plt.Figure:
     """Fig. 6c: aggregated energy / M against co-fire count (log-log), all and >= 1,000."""
     x, y = np.asarray(cofires, float), np.asarray(energy, float)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
     paper = PAPER["energy_vs_cofire"]
     for ax, floor, key in ((axes[0], 1, ""), (axes[1], 1000, "_ge1000")):
         keep = (x >= floor) & (y > 0)
@@ -154,10 +234,9 @@ def energy_vs_cofires(cofires: Sequence[float], energy: Sequence[float], fits: M
         r, slope = fits.get(f"r{key}"), fits.get(f"slope{key}")
         ours = "too few concepts" if r is None or np.isnan(r) else f"r={r:.2f}, slope={slope:.2f}"
         label = "all concepts" if floor == 1 else "concepts with >= 1,000 co-fires"
-        ax.set_title(f"{label}: ours {ours}; paper r={paper['r' + key]}, "
-                     f"slope={paper['slope' + key]}", fontsize=8)
-    fig.text(0.01, -0.05, caption, fontsize=8, wrap=True)
-    return fig
+        wrapped_title(ax, f"{label}: ours {ours}; paper r={paper['r' + key]}, "
+                          f"slope={paper['slope' + key]}", fontsize=8)
+    return add_caption(fig, caption)
 
 
 def consistency_histograms(cosines: Mapping[str, Sequence[float]],
@@ -165,16 +244,67 @@ def consistency_histograms(cosines: Mapping[str, Sequence[float]],
                            caption: str) -> plt.Figure:
     """Fig. 7: matched cosine between USAE and independent-SAE concepts, and the random
     baseline, per model."""
-    fig, axes = plt.subplots(1, len(cosines), figsize=(4 * len(cosines), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(cosines), figsize=(4.2 * len(cosines), 3.4), squeeze=False,
+                             layout="constrained")
     for ax, (name, values) in zip(axes[0], cosines.items()):
         ax.hist(baseline[name], bins=40, range=(-0.2, 1), alpha=0.6, label="random baseline",
                 color="grey")
         ax.hist(values, bins=40, range=(-0.2, 1), alpha=0.7, label="USAE vs independent")
         ax.axvline(0.5, color="black", ls=":", lw=1)
         share = float(np.mean(np.asarray(values) > 0.5))
-        ax.set_title(f"{name}: {share:.0%} of concepts with cosine > 0.5", fontsize=9)
+        wrapped_title(ax, f"{name}: {share:.0%} of concepts with cosine > 0.5")
         ax.set_xlabel("matched cosine")
         ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.text(0.01, -0.06, caption, fontsize=8, wrap=True)
-    return fig
+    fig.suptitle(wrap(title, fig.get_figwidth(), 9), fontsize=9)
+    return add_caption(fig, caption)
+
+
+def training_curves(history: Sequence[Mapping], names: Sequence[str], *, caption: str,
+                    independent: Mapping[str, Sequence[Mapping]] | None = None) -> plt.Figure:
+    """Did training learn? Loss, training-batch R^2, dead concepts and dictionary movement.
+
+    ``history`` is a run's history (``TrainResult.history`` or the checkpoint's); ``independent``
+    adds each independent SAE's dictionary movement, dotted.
+    """
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.6), layout="constrained")
+    steps = [row["step"] for row in history]
+    colours = dict(zip(names, sns.color_palette(n_colors=len(names))))
+    axes[0, 0].plot(steps, [row["loss"] for row in history], color="black")
+    axes[0, 0].set_yscale("log")
+    axes[0, 0].set_ylabel("loss (sum over targets)")
+    wrapped_title(axes[0, 0], "training loss")
+
+    def series(key, source, target=None):
+        points = [(row["step"], row[key][source] if target is None else row[key][source][target])
+                  for row in history if source in row.get(key, {})]
+        return zip(*points) if points else ((), ())
+
+    for name in names:
+        axes[0, 1].plot(*series("r2", name, name), color=colours[name], label=f"{name} (self)")
+        others = [n for n in names if n != name]
+        cross = [(row["step"], np.mean([row["r2"][o][name] for o in others if o in row["r2"]]))
+                 for row in history if any(o in row.get("r2", {}) for o in others)]
+        if cross:
+            axes[0, 1].plot(*zip(*cross), color=colours[name], ls="--",
+                            label=f"{name} (from the others)")
+        axes[1, 0].plot(*series("dead_fraction", name), color=colours[name], label=name)
+        axes[1, 1].plot(*series("dictionary_cosine_to_init", name), color=colours[name],
+                        label=f"{name} (USAE)")
+        if independent and name in independent:
+            axes[1, 1].plot(*zip(*[(row["step"], row["dictionary_cosine_to_init"][name])
+                                   for row in independent[name]]),
+                            color=colours[name], ls=":", label=f"{name} (independent SAE)")
+    axes[0, 1].set_ylim(min(-0.05, axes[0, 1].get_ylim()[0]), 1)
+    axes[0, 1].set_ylabel("R² (paper form)")
+    wrapped_title(axes[0, 1], "training-batch R²: decoded into each model, from itself (solid) "
+                              "and from the other models (dashed)")
+    axes[1, 0].set_ylabel("share of concepts")
+    wrapped_title(axes[1, 0], "concepts that never fired in the log interval (per source model)")
+    axes[1, 1].set_ylim(-0.05, 1.05)
+    axes[1, 1].set_ylabel("median cosine of a row to its initial row")
+    wrapped_title(axes[1, 1], "dictionary movement (1: still where it started)")
+    for ax in axes.flat:
+        ax.set_xlabel("step")
+    for ax in (axes[0, 1], axes[1, 0], axes[1, 1]):
+        ax.legend(fontsize=7)
+    return add_caption(fig, caption)

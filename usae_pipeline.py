@@ -41,23 +41,36 @@ import usae_synthetic as synthetic
 
 PRESETS = ("offline", "paper", "synthetic")
 
+# The released code's training choices (usae_core.TrainConfig's defaults), and the offline
+# recipe: chosen on a split of the training images by benchmarks/recipe_search.py (README).
+RELEASED = dict(loss="l1_aux", update="released", dictionary_init="randn",
+                encoder_init="default", standardization="scalar", sparse_decode=False)
+OFFLINE_RECIPE = dict(loss="mse", update="released", dictionary_init="unit",
+                      encoder_init="default", standardization="channel", sparse_decode=True)
+
 # Sizes per preset; `quick` shrinks everything for CI (every notebook in minutes on 2 cores).
 _SIZES = {
-    "offline": dict(n_concepts=1024, k=16, epochs=10.0, batch_tokens=1024, lr=1e-3,
-                    train_images=1000, val_images=1000, ood_images=64, independent_epochs=5.0),
+    "offline": dict(n_concepts=512, k=32, epochs=20.0, batch_tokens=1024, lr=1e-3,
+                    train_images=1000, val_images=1000, ood_images=64, independent_epochs=20.0,
+                    **OFFLINE_RECIPE),
     "paper": dict(n_concepts=6144, k=32, epochs=30.0, batch_tokens=6272, lr=3e-4,
-                  train_images=0, val_images=50000, ood_images=5000, independent_epochs=30.0),
+                  train_images=0, val_images=50000, ood_images=5000, independent_epochs=30.0,
+                  **RELEASED),
     "synthetic": dict(n_concepts=256, k=4, epochs=30.0, batch_tokens=1024, lr=1e-2,
-                      train_images=400, val_images=100, ood_images=50, independent_epochs=15.0),
+                      train_images=400, val_images=100, ood_images=50, independent_epochs=15.0,
+                      **RELEASED),
 }
 _QUICK = {
     "offline": dict(n_concepts=256, k=8, epochs=12.0, batch_tokens=512, lr=3e-3, train_images=40,
-                    val_images=24, ood_images=12, independent_epochs=6.0),
+                    val_images=24, ood_images=12, independent_epochs=6.0, **OFFLINE_RECIPE),
     "paper": dict(n_concepts=6144, k=32, epochs=1.0, batch_tokens=6272, lr=3e-4,
-                  train_images=2000, val_images=500, ood_images=100, independent_epochs=1.0),
+                  train_images=2000, val_images=500, ood_images=100, independent_epochs=1.0,
+                  **RELEASED),
     "synthetic": dict(n_concepts=128, k=4, epochs=40.0, batch_tokens=512, lr=1e-2,
-                      train_images=80, val_images=24, ood_images=12, independent_epochs=20.0),
+                      train_images=80, val_images=24, ood_images=12, independent_epochs=20.0,
+                      **RELEASED),
 }
+STANDARDIZATIONS = ("scalar", "channel")
 
 
 def model_key(backbone_name: str) -> str:
@@ -88,6 +101,12 @@ class Experiment:
         How many images of each split to use (0: all).
     tokens_per_image : int
         Grid positions kept per image in the training cache (0: all 196).
+    loss, update, dictionary_init, encoder_init, sparse_decode
+        Training options (``usae_core.TrainConfig``); None: the preset's. The ``paper`` and
+        ``synthetic`` presets use the released code's, ``offline`` its own recipe.
+    standardization : {"scalar", "channel"} or None
+        ``scalar``: one mean and std per model, as released. ``channel``: also centre every
+        channel on its own mean (over the same sample of training images).
     """
 
     preset: str = "offline"
@@ -107,16 +126,24 @@ class Experiment:
     val_images: int | None = None
     ood_images: int | None = None
     tokens_per_image: int = 0
+    loss: str | None = None
+    update: str | None = None
+    dictionary_init: str | None = None
+    encoder_init: str | None = None
+    standardization: str | None = None
+    sparse_decode: bool | None = None
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}: choose one of {list(PRESETS)}.")
         sizes = (_QUICK if self.quick else _SIZES)[self.preset]
         for key, value in sizes.items():
-            if getattr(self, key) in (0, 0.0, None):
+            if getattr(self, key) is None or getattr(self, key) is not False and \
+                    getattr(self, key) in (0, 0.0):
                 setattr(self, key, value)
         if not self.backbones:
-            self.backbones = {"offline": ["dinov2_imgfocus", "mobilenetv2_deepsort"],
+            self.backbones = {"offline": ["dinov2_imgfocus_block9", "mobilenetv2_deepsort",
+                                          "efficientnet_lite0"],
                               "paper": ["dinov2", "siglip", "vit"],
                               "synthetic": ["planted_a", "planted_b", "planted_c"]}[self.preset]
         self.validate()
@@ -136,8 +163,13 @@ class Experiment:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or \
                     not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{key} must be a positive number, got {value!r}.")
-        if not isinstance(self.quick, bool):
-            raise ValueError(f"quick must be True or False, got {self.quick!r}.")
+        for key in ("quick", "sparse_decode"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{key} must be True or False, got {getattr(self, key)!r}.")
+        if self.standardization not in STANDARDIZATIONS:
+            raise ValueError(f"standardization={self.standardization!r} is not one of "
+                             f"{list(STANDARDIZATIONS)}.")
+        core.TrainConfig(**self.train_options()).validate()
         if self.k >= self.n_concepts:
             raise ValueError(f"k={self.k} must be smaller than n_concepts={self.n_concepts}.")
         if self.tokens_per_image > 196:
@@ -194,6 +226,11 @@ class Experiment:
     @property
     def names(self) -> list[str]:
         return [model_key(name) for name in self.backbones]
+
+    def train_options(self) -> dict:
+        """The fields that are ``usae_core.TrainConfig`` options."""
+        return {key: getattr(self, key) for key in ("loss", "update", "dictionary_init",
+                                                    "encoder_init", "sparse_decode")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,16 +385,26 @@ def _steps(exp: Experiment, cache: cache_lib.Cache, epochs: float) -> int:
     return max(1, math.ceil(epochs * cache.n_tokens / exp.batch_tokens))
 
 
+def standardize_from_cache(exp: Experiment, model: core.USAE, train_cache: cache_lib.Cache) -> None:
+    """Give ``model`` the training cache's statistics (and channel means, when asked for)."""
+    rename = _renamed(train_cache, exp.names)
+    means = (cache_lib.channel_means(train_cache) if exp.standardization == "channel" else {})
+    kept = [rename[k] for k in train_cache.names if rename[k] in model.names]
+    model.set_standardization(
+        {rename[k]: v for k, v in train_cache.standardization.items() if rename[k] in kept},
+        {rename[k]: v for k, v in means.items() if rename[k] in kept} if means else None)
+
+
 def train_usae(exp: Experiment, train_cache: cache_lib.Cache, *, progress: bool = True) -> core.USAE:
     """Train (or resume, or load) the USAE; its checkpoint is ``<out>/usae.safetensors``."""
     dims = dict(zip(exp.names, train_cache.widths.values()))
     model = core.USAE(dims, exp.n_concepts, exp.k, seed=exp.seed)
-    rename = _renamed(train_cache, exp.names)
-    model.set_standardization({rename[k]: v for k, v in train_cache.standardization.items()})
+    standardize_from_cache(exp, model, train_cache)
     core.train(model, batches_for(train_cache, exp.names, exp.batch_tokens, exp.seed, exp.device),
                _steps(exp, train_cache, exp.epochs), seed=exp.seed, lr=exp.lr,
                device=exp.device, progress=progress, log_every=50,
-               checkpoint_path=str(exp.folder / "usae.safetensors"), checkpoint_every=500)
+               checkpoint_path=str(exp.folder / "usae.safetensors"), checkpoint_every=500,
+               **exp.train_options())
     return model.eval()
 
 
@@ -369,15 +416,31 @@ def train_independent(exp: Experiment, train_cache: cache_lib.Cache, *,
     for offset, (backbone_name, width) in enumerate(train_cache.widths.items()):
         name = rename[backbone_name]
         sae = core.USAE({name: width}, exp.n_concepts, exp.k, seed=exp.seed + 100 + offset)
-        sae.set_standardization({name: train_cache.standardization[backbone_name]})
+        standardize_from_cache(exp, sae, train_cache)
         loader = batches_for(train_cache, exp.names, exp.batch_tokens, exp.seed + offset,
                              exp.device, keep=[name])
         core.train(sae, loader, _steps(exp, train_cache, exp.independent_epochs),
                    seed=exp.seed + offset, lr=exp.lr, device=exp.device, progress=progress,
-                   checkpoint_path=str(exp.folder / f"sae_{name}.safetensors"),
-                   checkpoint_every=500)
+                   log_every=50, checkpoint_path=str(exp.folder / f"sae_{name}.safetensors"),
+                   checkpoint_every=500, **exp.train_options())
         saes[name] = sae.eval()
     return saes
+
+
+def training_history(path: str | os.PathLike) -> list[dict]:
+    """The history rows saved with a training checkpoint (one per log interval)."""
+    return core.read_header(path).get("training", {}).get("history", [])
+
+
+def dictionary_movement(exp: Experiment) -> dict:
+    """``metrics.json``'s ``dictionary_cosine_to_init``: per model, the median over rows of the
+    cosine between each final dictionary row and its initial row, for the USAE and for each
+    independent SAE (1: training did not move it)."""
+    usae = training_history(exp.folder / "usae.safetensors")[-1]["dictionary_cosine_to_init"]
+    independent = {name: training_history(exp.folder / f"sae_{name}.safetensors")[-1]
+                   ["dictionary_cosine_to_init"][name] for name in exp.names}
+    return {"dictionary_cosine_to_init": usae,
+            "independent_dictionary_cosine_to_init": independent}
 
 
 def load_usae(exp: Experiment) -> core.USAE:

@@ -57,5 +57,5 @@ if exp.preset == "synthetic":
     print("The synthetic preset has no images: nothing to show here.")
 else:
     fig = explorer.concept_figure(concepts)
-    fig.text(0.01, 0.0, source, fontsize=8)
+    figs.add_caption(fig, source)
     figs.save(fig, figures, "fig4_qualitative_concepts")

@@ -63,8 +63,7 @@ if exp.preset == "synthetic":
     print("The synthetic preset has no images: nothing to show here.")
 elif shown:
     fig = explorer.concept_figure(shown)
-    fig.text(0.01, 0.0, source + "; one model-unique concept per model (most fired first).",
-             fontsize=8)
+    figs.add_caption(fig, source + "; one model-unique concept per model (most fired first).")
     figs.save(fig, figures, "fig11_12_model_unique_concepts")
 else:
     print("No concept fires in one model only at this size.")

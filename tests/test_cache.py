@@ -257,6 +257,9 @@ def test_standardization_matches_numpy(tmp_path, make_fake_backbone, write_coded
             values = np.asarray(cache.arrays[name][rows], dtype=np.float64)
             assert mean == pytest.approx(values.mean(), rel=1e-12, abs=1e-12)
             assert std == pytest.approx(values.std(ddof=1), rel=1e-12)
+        for name, means in uc.channel_means(cache).items():  # per-channel centring's means
+            values = np.asarray(cache.arrays[name][rows], dtype=np.float64)
+            np.testing.assert_allclose(means, values.mean(axis=0), rtol=1e-12, atol=1e-12)
 
 
 def test_interrupted_build_resumes_byte_identical(tmp_path, make_fake_backbone,

@@ -312,12 +312,14 @@ def interrupted_after(batches, n):
         yield batch
 
 
-@pytest.mark.parametrize("options", [{}, {"schedule": "released", "update": "all_decoders"}])
+@pytest.mark.parametrize("options", [{}, {"schedule": "released", "update": "all_decoders"},
+                                     {"dictionary_init": "tokens", "encoder_init": "transpose",
+                                      "loss": "mse", "sparse_decode": True}])
 def test_resumed_training_ends_exactly_where_an_uninterrupted_run_ends(tmp_path, options):
     batches = tiny_batches(5)
     steps, common = 23, dict(seed=3, lr=0.02, progress=False, log_every=4, **options)
     straight = core.USAE(DIMS, 16, 3, seed=0)
-    core.train(straight, batches, steps, **common)
+    uninterrupted = core.train(straight, batches, steps, **common)
 
     path = tmp_path / "ckpt.safetensors"
     interrupted = core.USAE(DIMS, 16, 3, seed=0)
@@ -332,6 +334,10 @@ def test_resumed_training_ends_exactly_where_an_uninterrupted_run_ends(tmp_path,
     assert result.step == steps
     for key, value in straight.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
+    # the history survives the kill: every logged step once, movement measured from the same start
+    assert [row["step"] for row in result.history] == [4, 8, 12, 16, 20, 23]
+    assert result.history[-1]["dictionary_cosine_to_init"] == \
+        uninterrupted.history[-1]["dictionary_cosine_to_init"]
 
 
 def test_resume_asks_a_seekable_loader_for_the_stream_from_the_checkpoint(tmp_path):
@@ -527,3 +533,82 @@ def test_written_files_get_a_normal_mode(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+# ----------------------------------------------------------------------------------------------
+# Initialisation, channel centring, training history
+
+
+def test_dictionary_inits_and_transposed_encoders():
+    batch = {name: torch.randn(40, width) for name, width in DIMS.items()}
+    randn, unit, tokens = (core.USAE(DIMS, 16, 3, seed=0) for _ in range(3))
+    for model, init in ((randn, "randn"), (unit, "unit"), (tokens, "tokens")):
+        trainer = core.Trainer(model, core.TrainConfig(dictionary_init=init,
+                                                       encoder_init="transpose"), 10, 0)
+        trainer.initialise(batch)
+        for name in DIMS:
+            torch.testing.assert_close(model.pairs[name].linear.weight, model.dictionary(name))
+            assert not model.pairs[name].linear.bias.any()
+            assert torch.equal(trainer.initial_dictionaries[name], model.dictionary(name))
+        assert all(value == pytest.approx(1.0) for value in
+                   trainer.dictionary_cosine_to_init().values())
+    for name in DIMS:  # unit rows: the same directions, norm 1 instead of about sqrt(d)
+        torch.testing.assert_close(unit.dictionary(name), randn.dictionary(name))
+        torch.testing.assert_close(unit.pairs[name].raw_dictionary.norm(dim=1), torch.ones(16))
+        assert randn.pairs[name].raw_dictionary.norm(dim=1).mean() > 1.5
+    # tokens: concept c of every model starts at that model's token at one shared row
+    directions = batch["a"] / batch["a"].norm(dim=1, keepdim=True)
+    rows = (tokens.dictionary("a") @ directions.T).argmax(dim=1)  # cosine 1 at the drawn row
+    for name in DIMS:
+        expected = batch[name][rows]
+        torch.testing.assert_close(tokens.dictionary(name),
+                                   expected / expected.norm(dim=1, keepdim=True))
+    with pytest.raises(ValueError, match="at least n_concepts tokens"):
+        core.Trainer(core.USAE(DIMS, 64, 3), core.TrainConfig(dictionary_init="tokens"), 1,
+                     0).initialise(batch)
+
+
+def test_unit_rows_move_further_than_released_randn_rows_in_the_same_steps():
+    # Adam moves every raw entry by about lr per step: rows of norm sqrt(d) turn sqrt(d) x slower
+    wide, moved = {"a": 64, "b": 48}, {}
+    for init in ("randn", "unit"):
+        result = core.train(core.USAE(wide, 16, 3, seed=0), tiny_batches(4, 64, dims=wide), 40,
+                            seed=0, lr=1e-2, progress=False, log_every=10, dictionary_init=init)
+        moved[init] = 1 - np.median(list(result.history[-1]["dictionary_cosine_to_init"].values()))
+    assert moved["unit"] > 5 * moved["randn"] > 0, moved
+
+
+def test_channel_centring_round_trips_and_keeps_the_scalar_frame():
+    generator = torch.Generator().manual_seed(0)
+    offsets = torch.linspace(-3, 5, DIMS["a"])
+    sample = {name: torch.randn(500, width, generator=generator) * 2 + (offsets if name == "a"
+                                                                        else 1.0)
+              for name, width in DIMS.items()}
+    plain, centred = core.USAE(DIMS, 16, 3), core.USAE(DIMS, 16, 3)
+    assert plain.fit_standardization(sample) == \
+        centred.fit_standardization(sample, centre_channels=True)  # same scalars
+    assert centred.channel_centred and not plain.channel_centred
+    for name in DIMS:
+        inside = centred.standardize(name, sample[name])
+        torch.testing.assert_close(inside.mean(dim=0), torch.zeros(DIMS[name]), atol=1e-5,
+                                   rtol=0)
+        torch.testing.assert_close(centred.unstandardize(name, inside), sample[name])
+        torch.testing.assert_close(inside + centred.scalar_frame_offset(name),
+                                   plain.standardize(name, sample[name]))
+        assert not plain.scalar_frame_offset(name).any()
+    with pytest.raises(ValueError, match="channel means of 'a'"):
+        centred.set_standardization(centred.standardization(), {n: torch.zeros(2) for n in DIMS})
+
+
+def test_history_rows_measure_what_training_did():
+    model = core.USAE(DIMS, 16, 3, seed=0)
+    result = core.train(model, tiny_batches(4, tokens=64), 30, seed=0, lr=1e-2, progress=False,
+                        log_every=10, dictionary_init="unit", loss="mse")
+    first, last = result.history[0], result.history[-1]
+    assert [row["step"] for row in result.history] == [10, 20, 30]
+    for row in result.history:
+        assert set(row["r2"]) <= set(DIMS) and all(set(v) == set(DIMS) for v in row["r2"].values())
+        assert all(0 <= v <= 1 for v in row["dead_fraction"].values())
+    assert np.mean([v for r in last["r2"].values() for v in r.values()]) > \
+        np.mean([v for r in first["r2"].values() for v in r.values()])
+    assert all(v < 1 for v in last["dictionary_cosine_to_init"].values())

@@ -14,6 +14,7 @@ from PIL import Image
 import usae_analysis as analysis
 import usae_cache
 import usae_explorer as ex
+import usae_figures as figs
 
 GRID, T, N_CONCEPTS, K, N_IMAGES = 14, 196, 16, 3, 6
 NAMES = ("a", "b", "c")
@@ -218,17 +219,19 @@ def test_plot_concept_grid_and_plot_image_concepts_return_figures(explorer, phot
     figure = ex.plot_concept_grid(overlays, titles={2: "universal"},
                                   captions={(2, "a"): ["x", "y", "z"]})
     assert isinstance(figure, Figure) and len(figure.axes) == 2 * 3 * 3
+    assert figs.text_overlaps(figure) == []
     assert len(ex.figure_png(figure)) > 1000  # it draws
     assert figure._repr_png_().startswith(b"\x89PNG")  # Jupyter shows it without pyplot
     found = explorer.image_concepts(1)
     image_figure = ex.plot_image_concepts(photos[1], found, title="image 1")
     assert isinstance(image_figure, Figure) and len(image_figure.axes) == len(NAMES) + 1
+    assert figs.text_overlaps(image_figure) == []
     ex.figure_png(image_figure)
 
 
 def test_static_view_returns_the_default_concepts_figure(explorer):
     figure = explorer.static_view(show_table=False)
-    assert isinstance(figure, Figure)
+    assert isinstance(figure, Figure) and figs.text_overlaps(figure) == []
     widest = max(len(v[0]) for v in explorer.top_images(2).values())
     assert len(figure.axes) == len(NAMES) * widest == 6  # concept 2: two images per model
     assert "concept 2" in figure.subfigs[0]._suptitle.get_text()

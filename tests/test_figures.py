@@ -47,8 +47,58 @@ def test_every_figure_renders_and_saves_a_png(tmp_path):
         "consistency": figs.consistency_histograms({"a": generator.random(30)},
                                                    {"a": generator.random(30) * 0.3},
                                                    title="t", caption="c"),
+        "curves": figs.training_curves(_history(["a", "b", "c"]), ["a", "b", "c"], caption="c",
+                                       independent={"a": _history(["a"])}),
     }
     assert len(made["energy"].axes) == 2
     for name, fig in made.items():
+        assert figs.text_overlaps(fig) == [], name
         path = figs.save(fig, tmp_path, name)
         assert path.read_bytes().startswith(b"\x89PNG") and path.stat().st_size > 2000
+
+
+def _history(names, steps=(0, 50, 100, 150)):
+    """A training history as ``usae_core.Trainer`` records it."""
+    return [{"step": step, "loss": 3.0 / (1 + step), "lr": 1e-3,
+             "loss_by_target": {n: 1.0 / (1 + step) for n in names},
+             "r2": {s: {t: step / 200 for t in names} for s in names},
+             "dead_fraction": {n: 0.5 / (1 + step) for n in names},
+             "dictionary_cosine_to_init": {n: 1 - step / 400 for n in names}} for step in steps]
+
+
+LONG = ("a long caption that says where the numbers come from, which models, how many images, "
+        "and what the paper reports beside them, long enough to need three lines ") * 2
+
+
+@pytest.mark.parametrize("make", [
+    lambda: figs.r2_matrix(np.random.default_rng(0).random((3, 3)),
+                           ["dinov2_imgfocus_block9", "mobilenetv2_deepsort",
+                            "efficientnet_lite0"], title="paper-form R² " * 4, caption=LONG),
+    lambda: figs.firing_entropy_histogram(np.random.default_rng(0).random(500), 3, caption=LONG),
+    lambda: figs.cofire_proportion_curves({n: np.random.default_rng(0).random(80)
+                                           for n in "abc"}, caption=LONG),
+    lambda: figs.consistency_histograms({n: np.random.default_rng(0).random(30) for n in "abc"},
+                                        {n: np.random.default_rng(1).random(30) for n in "abc"},
+                                        title="consistency with independent SAEs " * 3,
+                                        caption=LONG),
+    lambda: figs.training_curves(_history(["dinov2_imgfocus_block9", "mobilenetv2_deepsort",
+                                           "efficientnet_lite0"]),
+                                 ["dinov2_imgfocus_block9", "mobilenetv2_deepsort",
+                                  "efficientnet_lite0"], caption=LONG),
+], ids=["r2", "entropy", "cofire", "consistency", "curves"])
+def test_long_titles_and_captions_never_overlap(make):
+    assert figs.text_overlaps(make()) == []
+
+
+def test_text_overlaps_finds_a_caption_on_an_axis_label():
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.set_xlabel("an axis label")
+    label = ax.xaxis.label
+    fig.canvas.draw()
+    box = label.get_window_extent(fig.canvas.get_renderer())
+    x, y = fig.transFigure.inverted().transform((box.x0, box.y0))
+    fig.text(x, y, "a caption drawn on top of it")
+    assert ("an axis label", "a caption drawn on top of it") in figs.text_overlaps(fig)
+    plt.close(fig)

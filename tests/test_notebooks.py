@@ -10,13 +10,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py"))
-FIGURES = ["fig4_qualitative_concepts", "fig5_cross_model_r2", "fig5_cross_model_r2_per_dim",
+FIGURES = ["training_curves", "fig4_qualitative_concepts", "fig5_cross_model_r2",
+           "fig5_cross_model_r2_per_dim",
            "table1_reconstruction", "fig6a_firing_entropy", "fig6b_cofire_proportion",
            "fig6c_energy_vs_cofire", "fig7_consistency", "fig16_consistency_top_cofiring",
            "fig8_coordinated_actmax", "fig11_12_model_unique_concepts", "explorer_static_view"]
 METRIC_KEYS = {"models", "r2_paper", "r2_per_dim", "mse", "ood", "firing_entropy",
                "cofire_proportion_top1000", "energy_vs_cofire", "dead_fraction", "consistency",
-               "n_concepts", "k", "n_tokens", "seed"}
+               "n_concepts", "k", "n_tokens", "seed", "dictionary_cosine_to_init",
+               "independent_dictionary_cosine_to_init", "training_final"}
 
 
 def sources(notebook):
@@ -68,7 +70,14 @@ def test_run_all_quick_produces_every_figure_and_complete_metrics(quick_run):
         assert path.stat().st_size > 5000, name
     metrics = json.loads((out / "metrics.json").read_text())
     assert METRIC_KEYS <= set(metrics), METRIC_KEYS - set(metrics)
-    assert len(metrics["consistency"]) == len(metrics["models"]) == 2
+    assert len(metrics["consistency"]) == len(metrics["models"]) == 3
+    # training learned: every dictionary left its random start, and the USAE's concepts match
+    # the independent SAEs' better than a random dictionary does
+    for name in metrics["models"]:
+        moved = metrics["dictionary_cosine_to_init"]
+        assert moved[name] < 0.95, moved
+        found = metrics["consistency"][name]
+        assert found["auc"] > 1.2 * found["random_baseline_auc"], (name, found)
     for stem in (p.stem for p in NOTEBOOKS):
         assert (out / "notebooks" / f"{stem}.ipynb").is_file()
         assert f"{stem} done in" in result.stdout
