@@ -105,8 +105,12 @@ def text_overlaps(fig: plt.Figure, tolerance: float = 1.0) -> list[tuple[str, st
     return overlaps
 
 
+MAX_WIDTH_PX = 2200  # wide photo grids (fig. 4) would otherwise be 3,300 px and 5 MB
+
+
 def save(fig: plt.Figure, folder: str | Path, name: str) -> Path:
-    """Save ``fig`` as ``<folder>/<name>.png``, show it once in a notebook, and close it.
+    """Save ``fig`` as ``<folder>/<name>.png`` (at most ``MAX_WIDTH_PX`` wide), show that file
+    once in a notebook, and close the figure.
 
     Warns when two of its texts overlap (a figure nobody can read is a defect).
     """
@@ -115,24 +119,29 @@ def save(fig: plt.Figure, folder: str | Path, name: str) -> Path:
     overlaps = text_overlaps(fig)
     if overlaps:
         warnings.warn(f"{name}: overlapping texts {overlaps[:3]}", stacklevel=2)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.savefig(path, dpi=min(110, MAX_WIDTH_PX / fig.get_figwidth()), bbox_inches="tight")
     try:
         from IPython import get_ipython
-        from IPython.display import display
+        from IPython.display import Image, display
     except ImportError:
         get_ipython = None
     if get_ipython is not None and get_ipython() is not None:
-        display(fig)
+        display(Image(filename=str(path)))  # the saved bytes, not a second rendering
     plt.close(fig)
     return path
 
 
 def r2_matrix(matrix: Sequence[Sequence[float]], names: Sequence[str], *, title: str,
-              caption: str) -> plt.Figure:
-    """Fig. 5: the cross-model R^2 heatmap, rows = encoder (source), columns = decoder."""
+              caption: str, baseline: Sequence[Sequence[float]] | None = None) -> plt.Figure:
+    """Fig. 5: the cross-model R^2 heatmap, rows = encoder (source), columns = decoder.
+
+    ``baseline`` (same shape, e.g. an untrained USAE's) is printed under each value."""
     fig, ax = plt.subplots(figsize=(2.8 + 1.7 * len(names), 1.6 + 1.0 * len(names)),
                            layout="constrained")
-    sns.heatmap(np.asarray(matrix), annot=True, fmt=".2f", cmap="viridis", vmin=0, vmax=1,
+    values = np.asarray(matrix)
+    labels = np.vectorize(lambda v: f"{v:.2f}")(values) if baseline is None else np.vectorize(
+        lambda v, b: f"{v:.2f}\nrandom {b:.2f}")(values, np.asarray(baseline))
+    sns.heatmap(values, annot=labels, fmt="", cmap="viridis", vmin=0, vmax=1,
                 xticklabels=names, yticklabels=names, ax=ax, cbar_kws={"label": "R²"})
     # Horizontal labels: text_overlaps compares upright boxes, and they read best anyway.
     ax.set_xticklabels(names, rotation=0, fontsize=8)

@@ -501,6 +501,20 @@ def encoded_split(exp: Experiment, model: core.USAE, caches: Mapping[str, cache_
     return result
 
 
+def untrained_reconstruction(exp: Experiment, model: core.USAE,
+                             caches: Mapping[str, cache_lib.Cache],
+                             split: str) -> analysis.Reconstruction:
+    """The random baseline of every R^2: the same USAE before training (seeded initialisation,
+    the trained model's standardisation), encoded and decoded on ``split``."""
+    untrained = core.USAE(model.dims, model.n_concepts, model.k, seed=exp.seed + 1)
+    untrained.load_state_dict({key: value for key, value in model.state_dict().items()
+                               if key.endswith(("act_mean", "act_std", "channel_offset",
+                                                "standardization_fitted"))}, strict=False)
+    return analysis.encode_dataset(untrained.to(exp.device),
+                                   rows_for(caches[split], model.names, device=exp.device)
+                                   ).reconstruction
+
+
 def update_metrics(exp: Experiment, section: Mapping[str, Any]) -> dict:
     """Merge ``section`` into ``<out>/metrics.json`` (written atomically) and return it all."""
     path = exp.folder / "metrics.json"

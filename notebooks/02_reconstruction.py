@@ -51,11 +51,15 @@ exp, caches, model, source = pipeline.open_run(preset=preset, out=out, images=im
 # %%
 val = pipeline.encoded_split(exp, model, caches, "val")
 names = val.reconstruction.names
+untrained = pipeline.untrained_reconstruction(exp, model, caches, "val")
 fig = figs.r2_matrix(val.reconstruction.r2_paper, names, title="Cross-model R² (paper form)",
-                     caption=source)
+                     baseline=untrained.r2_paper,
+                     caption=source + "; under each value: the same USAE before training.")
 figs.save(fig, figures, "fig5_cross_model_r2")
 fig = figs.r2_matrix(val.reconstruction.r2_per_dim, names,
-                     title="Cross-model R² (per-dimension explained variance)", caption=source)
+                     title="Cross-model R² (per-dimension explained variance)",
+                     baseline=untrained.r2_per_dim,
+                     caption=source + "; under each value: the same USAE before training.")
 figs.save(fig, figures, "fig5_cross_model_r2_per_dim")
 print("R² paper form (rows: source, columns: target)")
 for name, row in zip(names, val.reconstruction.r2_paper):
@@ -84,5 +88,6 @@ for row in rows:
 metrics = pipeline.update_metrics(exp, {
     **analysis.reconstruction_metrics(val.reconstruction),
     "ood": {split: analysis.reconstruction_metrics(r) for split, r in ood.items()},
+    "untrained": analysis.reconstruction_metrics(untrained),
     "n_tokens": len(val.codes[names[0]])})
 print({key: metrics[key] for key in ("r2_paper", "r2_per_dim", "mse")})

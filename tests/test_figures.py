@@ -85,7 +85,9 @@ LONG = ("a long caption that says where the numbers come from, which models, how
                                            "efficientnet_lite0"]),
                                  ["dinov2_imgfocus_block9", "mobilenetv2_deepsort",
                                   "efficientnet_lite0"], caption=LONG),
-], ids=["r2", "entropy", "cofire", "consistency", "curves"])
+    lambda: figs.r2_matrix(np.random.default_rng(0).random((3, 3)), ["a", "b", "c"], title="t",
+                           caption=LONG, baseline=np.random.default_rng(1).random((3, 3)) - 0.5),
+], ids=["r2", "entropy", "cofire", "consistency", "curves", "r2_baseline"])
 def test_long_titles_and_captions_never_overlap(make):
     assert figs.text_overlaps(make()) == []
 
@@ -102,3 +104,11 @@ def test_text_overlaps_finds_a_caption_on_an_axis_label():
     fig.text(x, y, "a caption drawn on top of it")
     assert ("an axis label", "a caption drawn on top of it") in figs.text_overlaps(fig)
     plt.close(fig)
+
+
+def test_r2_matrix_prints_the_baseline_under_every_value():
+    fig = figs.r2_matrix([[0.8, 0.1], [0.2, 0.5]], ["a", "b"], title="t", caption="c",
+                         baseline=[[0.01, -0.2], [0.0, 0.03]])
+    texts = {t.get_text() for t in fig.axes[0].texts}
+    assert texts == {"0.80\nrandom 0.01", "0.10\nrandom -0.20", "0.20\nrandom 0.00",
+                     "0.50\nrandom 0.03"}

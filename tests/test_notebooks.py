@@ -18,7 +18,7 @@ FIGURES = ["training_curves", "fig4_qualitative_concepts", "fig5_cross_model_r2"
 METRIC_KEYS = {"models", "r2_paper", "r2_per_dim", "mse", "ood", "firing_entropy",
                "cofire_proportion_top1000", "energy_vs_cofire", "dead_fraction", "consistency",
                "n_concepts", "k", "n_tokens", "seed", "dictionary_cosine_to_init",
-               "independent_dictionary_cosine_to_init", "training_final"}
+               "independent_dictionary_cosine_to_init", "training_final", "untrained"}
 
 
 def sources(notebook):
@@ -76,6 +76,8 @@ def test_run_all_quick_produces_every_figure_and_complete_metrics(quick_run):
     for name in metrics["models"]:
         moved = metrics["dictionary_cosine_to_init"]
         assert moved[name] < 0.95, moved
+        index = metrics["models"].index(name)
+        assert metrics["r2_paper"][index][index] > metrics["untrained"]["r2_paper"][index][index]
         found = metrics["consistency"][name]
         assert found["auc"] > 1.2 * found["random_baseline_auc"], (name, found)
     for stem in (p.stem for p in NOTEBOOKS):
