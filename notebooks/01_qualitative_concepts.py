@@ -17,9 +17,10 @@
 # # 01 · Qualitative concepts (paper section 4.1, Fig. 4)
 #
 # The most important universal concepts, ranked by energy (the mean code over all tokens, summed
-# over models, as the released code). For each concept, every model's own top images are shown
-# side by side with the concept's heatmap on the 14×14 token grid: a universal concept should
-# pick out the same thing in every model.
+# over models, as the released code). For each concept, the images where it is strongest on
+# average over the models (the released demo's ranking) are shown once per model, with that
+# model's heatmap of the concept on the 14×14 token grid: a universal concept lights up the same
+# regions in every model.
 
 # %% tags=["parameters"]
 preset = "offline"  # offline | paper | synthetic
@@ -48,7 +49,7 @@ import usae_explorer as explorer_lib
 # %%
 val = pipeline.encoded_split(exp, model, caches, "val")
 explorer = explorer_lib.ConceptExplorer.from_cache(caches["val"], val.codes, model=model,
-                                                   top_n=4 if quick else 6)
+                                                   top_n=4 if quick else 6, shared_ranking=True)
 concepts = [int(c) for c in explorer.concept_order("energy")[:3 if quick else 6]]
 print("most important concepts:", concepts)
 

@@ -56,11 +56,15 @@ print("dead concepts:", summary["dead_fraction"])
 aggregate = analysis.aggregate_energy(analysis.energy(stats.code_sums, stats.n_tokens))
 top = analysis.top_concepts(aggregate, min(1000, model.n_concepts))
 proportion = analysis.cofire_proportion(stats.fires, stats.cofires)
+chance = analysis.chance_cofire_proportion(stats.fires, stats.n_tokens)
 fig = figs.cofire_proportion_curves({name: proportion[i, top].numpy()
                                      for i, name in enumerate(model.names)},
+                                    chance={name: chance[i, top].numpy()
+                                            for i, name in enumerate(model.names)},
                                     caption=source + f"; the top {len(top)} concepts by energy.")
 figs.save(fig, figures, "fig6b_cofire_proportion")
 print("mean co-fire proportion over the top concepts:", summary["cofire_proportion_top1000"])
+print("its chance level (independent firing):", summary["cofire_proportion_top1000_chance"])
 
 # %%
 fig = figs.energy_vs_cofires(stats.cofires.numpy(), aggregate.numpy() / len(model.names),
@@ -70,4 +74,5 @@ print(summary["energy_vs_cofire"])
 
 # %%
 metrics = pipeline.update_metrics(exp, {key: summary[key] for key in (
-    "firing_entropy", "cofire_proportion_top1000", "energy_vs_cofire", "dead_fraction")})
+    "firing_entropy", "cofire_proportion_top1000", "cofire_proportion_top1000_chance",
+    "energy_vs_cofire", "dead_fraction")})

@@ -114,6 +114,22 @@ def test_firing_entropy_and_cofire_proportion_by_hand():
         "a": 0.4, "b": 0.6, "c": 0.6, "all": 0.2}
 
 
+def test_chance_cofire_proportion_by_hand_and_under_independent_firing():
+    fires = torch.tensor([[10, 5, 0], [20, 5, 3], [40, 0, 7]])
+    chance = analysis.chance_cofire_proportion(fires, n_tokens=100)
+    assert chance[:, 0].tolist() == pytest.approx([0.2 * 0.4, 0.1 * 0.4, 0.1 * 0.2])
+    assert chance[:, 1].tolist() == [0.0, 0.0, 0.0]  # model c never fires concept 1
+    assert chance[0, 2] == 0.0  # model a never fires concept 2: no proportion to speak of
+    # Three models firing independently at planted rates: the measured proportion is the chance.
+    generator = torch.Generator().manual_seed(0)
+    rates = torch.tensor([[0.3, 0.1], [0.5, 0.2], [0.4, 0.6]])
+    fired = torch.rand(3, 400_000, 2, generator=generator) < rates[:, None, :]
+    counts, cofires = fired.sum(dim=1), fired.all(dim=0).sum(dim=0)
+    measured = analysis.cofire_proportion(counts, cofires)
+    torch.testing.assert_close(measured, analysis.chance_cofire_proportion(counts, 400_000),
+                               atol=0.01, rtol=0)
+
+
 def test_energy_cofire_fit_recovers_a_planted_power_law():
     cofires = torch.logspace(1, 6, 50).round().long()
     aggregate = 3 * 0.02 * cofires.double() ** 0.7  # energy / 3 = 0.02 x cofires^0.7
