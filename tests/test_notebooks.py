@@ -16,7 +16,7 @@ FIGURES = ["training_curves", "fig4_qualitative_concepts", "fig5_cross_model_r2"
            "fig6c_energy_vs_cofire", "fig7_consistency", "fig16_consistency_top_cofiring",
            "fig8_coordinated_actmax", "fig11_12_model_unique_concepts", "explorer_static_view"]
 METRIC_KEYS = {"models", "r2_paper", "r2_per_dim", "mse", "ood", "firing_entropy",
-               "cofire_proportion_top1000", "energy_vs_cofire", "dead_fraction", "consistency",
+               "cofire_proportion_top1000", "cofire_proportion_top1000_chance", "energy_vs_cofire", "dead_fraction", "consistency",
                "n_concepts", "k", "n_tokens", "seed", "dictionary_cosine_to_init",
                "independent_dictionary_cosine_to_init", "training_final", "untrained"}
 
@@ -80,6 +80,9 @@ def test_run_all_quick_produces_every_figure_and_complete_metrics(quick_run):
         assert metrics["r2_paper"][index][index] > metrics["untrained"]["r2_paper"][index][index]
         found = metrics["consistency"][name]
         assert found["auc"] > 1.2 * found["random_baseline_auc"], (name, found)
+        # the top concepts co-fire across models more often than independent firing would give
+        assert metrics["cofire_proportion_top1000"][name] > \
+            2 * metrics["cofire_proportion_top1000_chance"][name], name
     for stem in (p.stem for p in NOTEBOOKS):
         assert (out / "notebooks" / f"{stem}.ipynb").is_file()
         assert f"{stem} done in" in result.stdout
