@@ -4,17 +4,10 @@ A USAE learns one sparse concept space shared by M models. Model ``i`` has an en
 (Linear -> BatchNorm -> ReLU -> per-token TopK) into ``n`` shared concepts and a dictionary
 ``D_i`` (n x d_i, unit-norm rows) out of them, so the codes of any model reconstruct the
 activations of every model. Each training step draws one source model, encodes its tokens and
-decodes them into all M models (paper Fig. 3).
-
-Everything here works in the *standardised* space of each model (one scalar mean and std per
-model, as the released code); ``encode`` and ``decode`` apply it on the way in and out unless
-told the input already is. Checkpoints and resumable training live in ``usae_checkpoint``, one
-level above; this module imports nothing of the project.
-
-Paper-versus-code choices (README): the loss defaults to the released criterion (element-mean
-L1 plus 0.1 x an auxiliary term), the update rule to the released one (only the drawn model's
-encoder and decoder change), the learning-rate schedule to the paper text (warm-up, then cosine
-decay to 1e-6 over the whole run). The alternatives are named options of :class:`TrainConfig`.
+decodes them into all M models (paper Fig. 3). Losses live in each model's standardised space
+(one scalar mean and std per model, as released). Defaults follow the released code, except
+the learning-rate schedule (the paper's); see the README. Checkpoints and resumable training are
+in ``usae_checkpoint``, one level up: this module imports nothing of the project.
 """
 from __future__ import annotations
 
@@ -191,11 +184,6 @@ class USAE(nn.Module):
         means = {name: v.mean(dim=0) for name, v in values.items()} if centre_channels else None
         self.set_standardization(stats, means)
         return stats
-
-    @property
-    def channel_centred(self) -> bool:
-        """Whether the standardisation also centres every channel on its own mean."""
-        return any(bool(p.channel_offset.any()) for p in self.pairs.values())
 
     def standardize(self, name: str, acts: Tensor) -> Tensor:
         pair = self.pairs[name]
@@ -617,17 +605,14 @@ def train(model: USAE, batches: Iterable[Mapping[str, Tensor]], steps: int, seed
     model : USAE
         Its standardisation is fitted on the first batch unless already set.
     batches : iterable of dict
-        Each batch maps every model name to *raw* activations (tokens x width), row t of every
-        tensor being the same image and position. A re-iterable source (a list, a loader) is
-        iterated again for each epoch; one with ``iter_from(step)`` is asked for the stream
-        from ``step`` when a run resumes.
-    steps : int
-        Total optimisation steps of the run (a resumed run counts the ones already done).
-    seed : int
-        Seeds the drawing of source models.
+        Model name -> *raw* activations (tokens x width), row t of every tensor the same image
+        and position. Re-iterable sources are iterated again for each epoch; one with
+        ``iter_from(step)`` is asked for the stream from ``step`` when a run resumes.
+    steps, seed : int
+        Total optimisation steps (resumed ones included); seed of the draw of source models.
     trainer, on_step
-        For ``usae_checkpoint``, which resumes: a :class:`Trainer` to continue (it replaces
-        ``steps``, ``seed`` and the options), and a function called after every step.
+        For ``usae_checkpoint``: a :class:`Trainer` to continue (replacing ``steps``, ``seed``
+        and the options) and a function called after every step.
     **options
         Fields of :class:`TrainConfig`.
     """
