@@ -41,7 +41,7 @@ class MacoConfig:
 
     def validate(self) -> None:
         for key in ("image_size", "input_size", "steps", "crops"):
-            core._positive_int(getattr(self, key), key)
+            core.require_positive_int(getattr(self, key), key)
         low, high = self.crop_scale
         if not 0 < low <= high <= 1:
             raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}.")

@@ -21,6 +21,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 import usae_core as core
+import usae_io
 
 FIRING_THRESHOLD = core.FIRING_THRESHOLD  # tau of the released code, on standardised codes
 
@@ -553,4 +554,4 @@ def write_metrics(path: str | os.PathLike, metrics: dict) -> None:
         return value
 
     text = json.dumps(clean(metrics), indent=1, sort_keys=True)
-    core.atomic_write(path, lambda tmp: tmp.write_text(text))
+    usae_io.atomic_write(path, text)

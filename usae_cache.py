@@ -32,9 +32,9 @@ Row ``r`` holds image ``kept_images[r // T]`` at grid position ``positions[r // 
 unbiased std per model, over every cached token of a seeded sample of 1,000 images, as the
 released code (spec section 2); the loader leaves the activations raw unless asked.
 
-Of the project this module imports only ``usae_core`` (for its atomic writes); backbones are
-used through their interface (``name``, ``width``, ``grid``, ``preprocessing``, ``preprocess``,
-``forward``, ``describe``).
+Of the project this module imports ``usae_io`` (atomic writes, hashes), ``usae_images`` and
+``usae_core.STD_EPS``; backbones are used through their interface (``name``, ``width``,
+``grid``, ``preprocessing``, ``preprocess``, ``forward``, ``describe``).
 """
 from __future__ import annotations
 
@@ -58,14 +58,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-import usae_core
+import usae_io
+from usae_core import STD_EPS
 # Re-exported: the image helpers were part of this module's interface before usae_images.
 from usae_images import (IMAGE_EXTENSIONS, MAX_PIXELS, ImageSet, OpenedImage,  # noqa: F401
                          default_cache_dir, default_images, list_images, open_image,
                          shared_data_root)
 
 CACHE_FORMAT = "usae-cache/1"
-STD_EPS = 1e-5  # (x - mean) / (std + 1e-5), as the released code
 DTYPE = np.dtype(np.float16)
 METADATA_FILE = "cache.json"
 PROGRESS_FILE = "progress.json"
@@ -236,31 +236,11 @@ def _writing(path: Path) -> Iterator[None]:
     try:
         yield
     except OSError as error:
-        if str(path) in str(error):  # already says which file (usae_core.atomic_write does)
+        if str(path) in str(error):  # already says which file (usae_io.atomic_write does)
             raise
         raise OSError(error.errno, f"cannot write {path}: {error.strerror or error}; choose a "
                       "writable folder with free space (an interrupted build resumes where "
                       "it stopped).") from error
-
-
-def _umask_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-# What a plain open() gives a new file; mkstemp's temporaries are owner-only (0o600), which
-# would leave cache.json unreadable to colleagues who can read the arrays beside it.
-_FILE_MODE = _umask_mode()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Temporary file beside ``path``, fsync, rename: never a half-written file at ``path``."""
-    def write(tmp: Path) -> None:
-        tmp.write_bytes(data)
-        tmp.chmod(_FILE_MODE)
-
-    usae_core.atomic_write(path, write)
 
 
 def _partial(path: Path) -> Path:
@@ -287,7 +267,7 @@ def _reserve(path: Path, start: int, length: int) -> None:
 
 
 def _write_json(path: Path, value: Any) -> None:
-    _write_atomic(path, (_to_json(value) + "\n").encode("utf-8"))
+    usae_io.atomic_write(path, (_to_json(value) + "\n").encode("utf-8"))
 
 
 def _to_json(value: Any, indent: int = 0) -> str:
@@ -301,23 +281,10 @@ def _to_json(value: Any, indent: int = 0) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # not possible on every platform; the rename itself is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _save_npy(path: Path, array: np.ndarray) -> None:
     buffer = io.BytesIO()
     np.save(buffer, array)
-    _write_atomic(path, buffer.getvalue())
+    usae_io.atomic_write(path, buffer.getvalue())
 
 
 def _array_files(names: Sequence[str]) -> dict[str, str]:
@@ -512,8 +479,7 @@ def _metadata_digest(metadata: dict) -> str:
     """sha256 of the metadata without this digest itself, in a canonical JSON form."""
     body = json.loads(json.dumps(metadata))
     body.get("checksums", {}).pop("metadata_sha256", None)
-    canonical = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    return usae_io.sha256_json(body)
 
 
 def _finalize(folder: Path, request: dict, models: list[dict], images: ImageSet, grid: int,
@@ -595,7 +561,7 @@ def _finalize(folder: Path, request: dict, models: list[dict], images: ImageSet,
     for name in files.values():
         with _writing(folder / name):
             os.replace(_partial(folder / name), folder / name)
-    _fsync_dir(folder)
+    usae_io.fsync_dir(folder)
     _write_json(folder / METADATA_FILE, metadata)
     (folder / PROGRESS_FILE).unlink(missing_ok=True)
     return metadata

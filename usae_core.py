@@ -4,45 +4,27 @@ A USAE learns one sparse concept space shared by M models. Model ``i`` has an en
 (Linear -> BatchNorm -> ReLU -> per-token TopK) into ``n`` shared concepts and a dictionary
 ``D_i`` (n x d_i, unit-norm rows) out of them, so the codes of any model reconstruct the
 activations of every model. Each training step draws one source model, encodes its tokens and
-decodes them into all M models (paper Fig. 3).
-
-This module imports nothing else of the project. Everything here works in the *standardised*
-space of each model (one scalar mean and std per model, as the released code); ``encode`` and
-``decode`` apply the standardisation on the way in and out unless told the input already is.
-
-Paper-versus-code choices (see README): the loss defaults to the released code's criterion
-(element-mean L1 plus 0.1 x an auxiliary term), the update rule to the released one (only the
-drawn model's encoder and decoder change), and the learning-rate schedule to the paper text
-(warm-up then cosine decay to 1e-6 over the whole run). The alternatives are named options.
+decodes them into all M models (paper Fig. 3). Losses live in each model's standardised space
+(one scalar mean and std per model, as released). Defaults follow the released code, except
+the learning-rate schedule (the paper's); see the README. Checkpoints and resumable training are
+in ``usae_checkpoint``, one level up: this module imports nothing of the project.
 """
 from __future__ import annotations
 
 import dataclasses
-import glob
-import hashlib
-import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-__version__ = "0.1.0"
-CHECKPOINT_FORMAT = "usae-checkpoint/1"
+__version__ = "0.2.0"
 STD_EPS = 1e-5  # (x - mean) / (std + 1e-5), as the released code
 DICTIONARY_EPS = 1e-8
-
-
-# ----------------------------------------------------------------------------------------------
-# Model
+FIRING_THRESHOLD = 0.1  # a concept fires on a token when its code exceeds this (released tau)
 
 
 class Encoding(NamedTuple):
@@ -51,11 +33,10 @@ class Encoding(NamedTuple):
     Attributes
     ----------
     pre_codes : Tensor
-        BatchNorm output before the ReLU, ``tokens x n``. The auxiliary loss and activation
-        maximisation need it: TopK gives no gradient to a concept outside the top k.
+        BatchNorm output before the ReLU, ``tokens x n``: the auxiliary loss and activation
+        maximisation need it, since TopK gives no gradient to a concept outside the top k.
     codes : Tensor
-        Dense codes ``tokens x n``: ReLU then TopK, so every entry is >= 0 and at most k per
-        token are non-zero (exactly k unless fewer than k pre-codes are positive).
+        Dense codes ``tokens x n``: ReLU then TopK, every entry >= 0, at most k per token > 0.
     indices : Tensor
         ``tokens x k`` indices of the selected concepts, in no particular order.
     """
@@ -73,7 +54,7 @@ class ModelPair(nn.Module):
         self.linear = nn.Linear(width, n_concepts)
         self.batch_norm = nn.BatchNorm1d(n_concepts)
         # Raw weights; the dictionary is their row-normalised form, recomputed at every use (a
-        # reparameterisation, as the released code), so every concept vector has unit norm.
+        # reparameterisation, as released), so every concept vector has unit norm.
         self.raw_dictionary = nn.Parameter(torch.randn(n_concepts, width))
         self.register_buffer("act_mean", torch.zeros((), dtype=torch.float64))
         self.register_buffer("act_std", torch.ones((), dtype=torch.float64))
@@ -82,18 +63,24 @@ class ModelPair(nn.Module):
         self.register_buffer("channel_offset", torch.zeros(width))
 
     def dictionary(self) -> Tensor:
-        norms = self.raw_dictionary.norm(dim=1, keepdim=True)
-        return self.raw_dictionary / (norms + DICTIONARY_EPS)
+        return self.raw_dictionary / (self.raw_dictionary.norm(dim=1, keepdim=True)
+                                      + DICTIONARY_EPS)
 
 
-def _is_count(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, int) and value >= 0
+def is_int(value: Any, minimum: int = 0) -> bool:
+    """An ``int`` (not a ``bool``) of at least ``minimum``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
-def _positive_int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+def require_positive_int(value: Any, what: str) -> None:
+    if not is_int(value, 1):
         raise ValueError(f"{what} must be a positive integer, got {value!r}.")
-    return value
+
+
+def require_seed(seed: Any) -> None:
+    """Seeds are integers in [0, 2**63), the range every torch and numpy generator takes."""
+    if not is_int(seed) or seed >= 2**63:
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}.")
 
 
 class USAE(nn.Module):
@@ -102,12 +89,12 @@ class USAE(nn.Module):
     Parameters
     ----------
     dims : mapping of str to int
-        Model name -> activation width ``d``. Names must be valid identifiers (they become
-        parameter names). One model gives an ordinary (independent) TopK SAE.
+        Model name -> activation width ``d``; names must be identifiers. One model gives an
+        ordinary TopK SAE.
     n_concepts : int
         Width ``n`` of the shared code (paper: 6144 = 8 x 768).
     k : int
-        Concepts kept per token (released code: 32); ``1 <= k < n``.
+        Concepts kept per token, ``1 <= k < n`` (released: 32).
     seed : int, optional
         Seeds the initialisation; ``None`` uses torch's global generator.
     """
@@ -118,20 +105,18 @@ class USAE(nn.Module):
             raise ValueError("dims must be a non-empty mapping of model name -> width, "
                              "e.g. {'dinov2': 384, 'vit': 768}.")
         for name, width in dims.items():
-            if not isinstance(name, str) or not name.isidentifier():
+            if not (isinstance(name, str) and name.isidentifier()):
                 raise ValueError(f"model name {name!r} is not usable: use letters, digits and "
                                  "underscores, not starting with a digit (e.g. 'dinov2_s14').")
-            _positive_int(width, f"the width of model {name!r}")
-        _positive_int(n_concepts, "n_concepts")
-        _positive_int(k, "k")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(f"seed must be an integer or None, got {seed!r}.")
+            require_positive_int(width, f"the width of model {name!r}")
+        require_positive_int(n_concepts, "n_concepts")
+        require_positive_int(k, "k")
+        if seed is not None:
+            require_seed(seed)
         if k >= n_concepts:
             raise ValueError(f"k={k} must be smaller than n_concepts={n_concepts}: TopK keeps k "
                              "of the n concepts per token (the paper uses k=32 of n=6144).")
-        self.dims = dict(dims)
-        self.n_concepts = n_concepts
-        self.k = k
+        self.dims, self.n_concepts, self.k = dict(dims), n_concepts, k
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
                 torch.manual_seed(seed)
@@ -146,17 +131,17 @@ class USAE(nn.Module):
         """The constructor arguments, JSON-serialisable."""
         return {"dims": dict(self.dims), "n_concepts": self.n_concepts, "k": self.k}
 
-    def _pair(self, name: str) -> ModelPair:
+    def check_acts(self, name: str, acts: Tensor) -> None:
+        """Refuse activations that are not ``tokens x width`` of a known model, or not finite."""
         if name not in self.dims:
             raise KeyError(f"unknown model {name!r}; this USAE knows {self.names}.")
-        return self.pairs[name]
-
-    def _check_acts(self, name: str, acts: Tensor) -> None:
-        width = self._pair(name).linear.in_features
-        if acts.ndim != 2 or acts.shape[1] != width:
-            raise ValueError(f"model {name!r} takes activations of shape (tokens, {width}), got "
-                             f"{tuple(acts.shape)}: flatten images x positions into tokens and "
-                             "check the model name.")
+        if acts.ndim != 2 or acts.shape[1] != self.dims[name]:
+            raise ValueError(f"model {name!r} takes activations of shape (tokens, "
+                             f"{self.dims[name]}), got {tuple(acts.shape)}: flatten images x "
+                             "positions into tokens and check the model name.")
+        if not torch.isfinite(acts).all():
+            raise ValueError(f"NaN or inf activations for model {name!r}: rebuild or clean "
+                             "the activation cache.")
 
     # -- standardisation ------------------------------------------------------------------------
 
@@ -166,94 +151,73 @@ class USAE(nn.Module):
 
     def set_standardization(self, stats: Mapping[str, tuple[float, float]],
                             channel_means: Mapping[str, Tensor] | None = None) -> None:
-        """Set the scalar mean and std of every model (e.g. from an activation cache).
+        """Set every model's scalar mean and std (e.g. from an activation cache).
 
-        With ``channel_means`` (model name -> per-channel mean of the raw activations), every
-        channel is also centred on its own mean: the USAE then spends no concept on the mean
-        activation, which a CNN's final map (a large, channel-dependent offset) otherwise costs.
-        The scale stays the one scalar std, so directions and relative norms are kept.
+        With ``channel_means`` (model name -> per-channel mean of the raw activations) every
+        channel is also centred on its own mean, so no concept is spent on the mean activation
+        (a CNN's final map has a large, channel-dependent one). The scale stays the scalar std.
         """
-        missing = set(self.dims) - set(stats)
-        if missing:
-            raise ValueError(f"standardisation statistics are missing for {sorted(missing)}.")
-        offsets = {}
-        for name in self.dims:
+        for name, width in self.dims.items():
             mean, std = (float(v) for v in stats[name])
             if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
                 raise ValueError(f"standardisation of {name!r} needs a finite mean and a "
                                  f"positive std, got mean={mean}, std={std}.")
-            offsets[name] = torch.zeros(self.dims[name])
+            means = None if channel_means is None else \
+                torch.as_tensor(channel_means[name], dtype=torch.float64).flatten()
+            if means is not None and (means.shape != (width,) or not torch.isfinite(means).all()):
+                raise ValueError(f"channel means of {name!r} must be {width} finite values, "
+                                 f"got shape {tuple(means.shape)}.")
+        for name, pair in self.pairs.items():
+            mean, std = stats[name]
+            pair.act_mean.fill_(float(mean))
+            pair.act_std.fill_(float(std))
+            pair.channel_offset.zero_()
             if channel_means is not None:
-                means = torch.as_tensor(channel_means[name], dtype=torch.float64).flatten()
-                if means.shape != (self.dims[name],) or not torch.isfinite(means).all():
-                    raise ValueError(f"channel means of {name!r} must be {self.dims[name]} "
-                                     f"finite values, got shape {tuple(means.shape)}.")
-                offsets[name] = (means - mean).float()
-        for name in self.dims:
-            pair = self.pairs[name]
-            pair.act_mean.fill_(float(stats[name][0]))
-            pair.act_std.fill_(float(stats[name][1]))
-            pair.channel_offset.copy_(offsets[name])
+                pair.channel_offset.copy_(torch.as_tensor(channel_means[name]).flatten() - mean)
         self.standardization_fitted.fill_(True)
 
     def fit_standardization(self, sample: Mapping[str, Tensor], *,
                             centre_channels: bool = False) -> dict[str, tuple[float, float]]:
-        """Fit one scalar mean and (unbiased) std per model over every entry of ``sample``
-        (and, with ``centre_channels``, the per-channel means; see :meth:`set_standardization`)."""
-        stats, means = {}, {}
-        for name in self.dims:
-            if name not in sample:
-                raise ValueError(f"the standardisation sample has no activations of {name!r}.")
-            self._check_acts(name, sample[name])
-            values = sample[name].detach().to(torch.float64)
-            stats[name] = (values.mean().item(), values.std().item())
-            means[name] = values.mean(dim=0)
-        self.set_standardization(stats, means if centre_channels else None)
+        """Fit one scalar mean and (unbiased) std per model over every entry of ``sample``."""
+        values = {name: sample[name].detach().to(torch.float64) for name in self.dims}
+        stats = {name: (v.mean().item(), v.std().item()) for name, v in values.items()}
+        means = {name: v.mean(dim=0) for name, v in values.items()} if centre_channels else None
+        self.set_standardization(stats, means)
         return stats
 
-    @property
-    def channel_centred(self) -> bool:
-        """Whether the standardisation also centres every channel on its own mean."""
-        return any(bool(p.channel_offset.any()) for p in self.pairs.values())
-
     def standardize(self, name: str, acts: Tensor) -> Tensor:
-        pair = self._pair(name)
+        pair = self.pairs[name]
         return (acts - pair.act_mean.float() - pair.channel_offset) / (pair.act_std.float()
                                                                         + STD_EPS)
 
     def unstandardize(self, name: str, acts: Tensor) -> Tensor:
-        pair = self._pair(name)
-        return (acts * (pair.act_std.float() + STD_EPS) + pair.act_mean.float()
-                + pair.channel_offset)
+        pair = self.pairs[name]
+        return acts * (pair.act_std.float() + STD_EPS) + pair.act_mean.float() + pair.channel_offset
 
     def scalar_frame_offset(self, name: str) -> Tensor:
-        """What turns standardised values into the released scalar standardisation's values.
+        """``standardize(a) + offset == (a - mean) / (std + eps)``, the released frame.
 
-        ``standardize(a) + offset == (a - mean) / (std + eps)``: zero unless channels are
-        centred. Metrics that the paper reports in its frame (the global-mean R^2) add it to
-        both the target and the reconstruction.
+        Zero unless channels are centred; metrics the paper reports in its frame (the
+        global-mean R^2) add it to both the target and the reconstruction.
         """
-        pair = self._pair(name)
+        pair = self.pairs[name]
         return pair.channel_offset / (pair.act_std.float() + STD_EPS)
 
     # -- encode / decode ------------------------------------------------------------------------
 
     def encode_full(self, name: str, acts: Tensor, *, standardized: bool = False) -> Encoding:
         """Encode ``acts`` (tokens x d) of model ``name``; see :class:`Encoding`."""
-        self._check_acts(name, acts)
-        x = acts if standardized else self.standardize(name, acts)
-        pre_codes, _, values, indices = self._encode(name, x)
-        codes = torch.zeros_like(pre_codes).scatter(-1, indices, values)
-        return Encoding(pre_codes, codes, indices)
+        # Checked before BatchNorm sees them: in train mode NaNs would enter its running stats.
+        self.check_acts(name, acts)
+        return self._encode(name, acts if standardized else self.standardize(name, acts))
 
-    def _encode(self, name: str, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Pre-codes, their ReLU, and the values and indices of its top k (standardised input)."""
+    def _encode(self, name: str, x: Tensor) -> Encoding:
         pair = self.pairs[name]
         # Under bf16 autocast only the matmul runs in bf16; BatchNorm gets the input's dtype.
         pre_codes = pair.batch_norm(pair.linear(x).to(x.dtype))
-        activated = F.relu(pre_codes)
-        values, indices = torch.topk(activated, self.k, dim=-1, sorted=False)
-        return pre_codes, activated, values, indices
+        values, indices = torch.topk(F.relu(pre_codes), self.k, dim=-1, sorted=False)
+        return Encoding(pre_codes, torch.zeros_like(pre_codes).scatter(-1, indices, values),
+                        indices)
 
     def encode(self, name: str, acts: Tensor, *, standardized: bool = False) -> Tensor:
         """Dense codes (tokens x n, >= 0, k selected per token) of model ``name``'s tokens."""
@@ -261,7 +225,9 @@ class USAE(nn.Module):
 
     def dictionary(self, name: str) -> Tensor:
         """Model ``name``'s dictionary: n x d, every row of unit L2 norm."""
-        return self._pair(name).dictionary()
+        if name not in self.dims:
+            raise KeyError(f"unknown model {name!r}; this USAE knows {self.names}.")
+        return self.pairs[name].dictionary()
 
     def decode(self, name: str, codes: Tensor, *, standardized: bool = False) -> Tensor:
         """Reconstruct model ``name``'s activations from codes (tokens x n) of any model."""
@@ -278,104 +244,95 @@ class USAE(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Losses: pure functions of one signature (target, recon, pre_codes, codes, dictionary).
+# Losses: pure functions of one signature. Each takes one step's targets and reconstructions
+# (model name -> tokens x d), the source's Encoding and the dictionaries, and returns one loss
+# per target (M,), in the order of ``targets``.
 
 
-def l1_aux_loss(target: Tensor, recon: Tensor, pre_codes: Tensor, codes: Tensor,
-                dictionary: Tensor, aux_weight: float = 0.1) -> Tensor:
-    """The released code's criterion: element-mean L1 plus an auxiliary L1 term.
+def l1_aux_loss(targets: Mapping[str, Tensor], recons: Mapping[str, Tensor], encoding: Encoding,
+                dictionaries: Mapping[str, Tensor], aux_weight: float = 0.1) -> Tensor:
+    """The released criterion: element-mean L1 plus ``aux_weight`` x an auxiliary L1 term.
 
-    The auxiliary term asks the top half (n // 2) of the *non-selected* ReLU'd pre-codes to
-    predict the residual, which keeps unselected concepts learning. As released, the residual
-    is not detached, so the auxiliary term also shapes the main reconstruction.
+    Released form, per target: the top n // 2 of the *non-selected* ReLU'd pre-codes decode
+    the residual, ``|(target - recon) - aux_codes @ D|``, which keeps unselected concepts
+    learning (the residual is not detached). Codes plus auxiliary codes are the top
+    ``k + n // 2`` ReLU'd pre-codes, so the auxiliary term is ``|target - wide @ D|``: one
+    selection for all targets (tests/test_train_speed.py checks it against the released form).
     """
-    residual = target - recon
-    leftover = F.relu(pre_codes) - codes  # zero exactly where TopK selected
-    values, indices = torch.topk(leftover, leftover.shape[-1] // 2, dim=-1, sorted=False)
-    aux_codes = torch.zeros_like(leftover).scatter(-1, indices, values)
-    aux = (residual - aux_codes @ dictionary).abs().mean()
-    return residual.abs().mean() + aux_weight * aux
+    activated = F.relu(encoding.pre_codes)
+    n, k = activated.shape[1], encoding.indices.shape[1]
+    wide = activated
+    if k + n // 2 < n:
+        with torch.no_grad():
+            kept = torch.topk(activated, k + n // 2, dim=-1, sorted=False).indices
+        wide = torch.zeros_like(activated).scatter(-1, kept, activated.gather(-1, kept))
+    return torch.stack([
+        (target - recons[name]).abs().mean()
+        + aux_weight * (target - (wide @ dictionaries[name]).float()).abs().mean()
+        for name, target in targets.items()])
 
 
-def frobenius_loss(target: Tensor, recon: Tensor, pre_codes: Tensor, codes: Tensor,
-                   dictionary: Tensor) -> Tensor:
+def frobenius_loss(targets, recons, encoding, dictionaries) -> Tensor:
     """The paper text's loss (Eq. 5, Fig. 3): the Frobenius norm of the residual, not squared."""
-    return torch.linalg.matrix_norm(target - recon)
+    return torch.stack([torch.linalg.matrix_norm(t - recons[n]) for n, t in targets.items()])
 
 
-def mse_loss(target: Tensor, recon: Tensor, pre_codes: Tensor, codes: Tensor,
-             dictionary: Tensor) -> Tensor:
+def mse_loss(targets, recons, encoding, dictionaries) -> Tensor:
     """Element-mean squared error."""
-    return (target - recon).square().mean()
+    return torch.stack([(t - recons[n]).square().mean() for n, t in targets.items()])
 
 
 LOSSES: dict[str, Callable[..., Tensor]] = {
     "l1_aux": l1_aux_loss, "frobenius": frobenius_loss, "mse": mse_loss}
-DICTIONARY_INITS = ("randn", "unit", "tokens")
-FIRING_THRESHOLD = 0.1  # a concept fires on a token when its code exceeds this (released tau)
-
-
-# ----------------------------------------------------------------------------------------------
-# Training configuration and learning-rate schedule
+CHOICES = {"loss": tuple(LOSSES), "update": ("released", "all_decoders"),
+           "schedule": ("paper", "released"), "precision": ("fp32", "bf16"),
+           "dictionary_init": ("randn", "unit", "tokens"), "encoder_init": ("default", "transpose")}
 
 
 @dataclass
 class TrainConfig:
-    """Every option of :func:`train`; saved with each checkpoint.
+    """Every option of :func:`train`; saved with each checkpoint. Defaults: the released code.
 
     Attributes
     ----------
     loss : {"l1_aux", "frobenius", "mse"}
-        ``l1_aux`` is the released code's criterion (default), ``frobenius`` the paper text's.
+        ``l1_aux``: the released criterion; ``frobenius``: the paper text's.
     aux_weight : float
         Weight of the auxiliary term of ``l1_aux`` (released: 0.1).
     update : {"released", "all_decoders"}
-        ``released``: a step with source i changes only encoder i and decoder i (default).
-        ``all_decoders``: every decoder also learns from its reconstruction term at every step.
+        ``released``: a step with source i changes only encoder i and decoder i.
+        ``all_decoders``: every decoder also learns from its reconstruction at every step.
     schedule : {"paper", "released"}
-        ``paper``: linear warm-up then cosine decay to ``final_lr`` over the run, on the global
-        step (default). ``released``: each model's schedule advances only when its optimizer
-        steps, and its first update uses ``lr`` (so the run ends near 2.3e-4, not 1e-6).
+        ``paper``: linear warm-up, then cosine decay to ``final_lr`` over the run, on the global
+        step. ``released``: each model's schedule advances only when its optimizer steps (the
+        run ends near 2.3e-4, not 1e-6).
     lr, final_lr, weight_decay : float
         Per-model AdamW (released: 3e-4, 1e-6, 1e-5).
     warmup_steps : int or None
-        Linear warm-up length; ``None`` means ``steps // 30`` (released: 1 of 30 epochs).
+        Linear warm-up length; ``None``: ``steps // 30`` (released: 1 of 30 epochs).
     grad_clip : float
-        Global-norm gradient clip applied per model; 0 disables.
+        Global-norm gradient clip per model; 0 disables.
     log_every : int
-        Steps between metric read-outs (the only host synchronisations of the loop).
-    checkpoint_path : str or None
-        Where to write checkpoints; the run resumes from it when it exists and ``resume``.
-    checkpoint_every : int
-        Steps between checkpoints (0: only at the end).
-    resume : bool
-        Resume from ``checkpoint_path`` when it exists.
+        Steps between history rows (the only host synchronisations of the loop).
     device : str or None
         Where to train; ``None`` keeps the model where it is.
     progress : bool
         Show a progress bar.
     precision : {"fp32", "bf16"}
-        ``fp32`` as released (default). ``bf16`` runs the encoder and decoder matmuls under
-        bf16 autocast; BatchNorm, TopK, losses and metrics stay fp32. Faster where bf16
-        matmuls are (GPUs, recent CPUs), but it changes results beyond rounding.
-    dictionary_init : {"randn", "unit", "tokens"}
-        ``randn``: raw rows ``torch.randn`` (norm about sqrt(d)), as released (default). Adam
-        moves each raw entry by about ``lr`` per step, so such rows turn by only about
-        ``lr * steps / sqrt(d)`` radians: a short run barely leaves its random start.
-        ``unit``: the same random directions rescaled to unit norm, so the same steps turn them
-        sqrt(d) times faster. ``tokens``: row c of every model's dictionary is that model's
-        standardised token at the same randomly drawn row of the first batch (one draw shared by
-        all models, so concept c starts as "what every model sees at token t_c").
-    encoder_init : {"default", "transpose"}
-        ``default``: PyTorch's Linear initialisation, as released. ``transpose``: every
-        encoder starts as its dictionary's transpose (zero bias), as Gao et al. (2024), so that
-        concept c first fires where a token points along its dictionary row.
+        ``bf16`` runs the encoder and decoder matmuls under bf16 autocast (BatchNorm, TopK and
+        losses stay fp32): faster where bf16 matmuls are, but not only a rounding change.
     sparse_decode : bool
-        Decode the k selected concepts of each token as a weighted sum of k dictionary rows
-        (``F.embedding_bag``) instead of a dense ``codes @ D``: the same values up to float
-        rounding and n / k times fewer FLOPs for that decode (the auxiliary term stays dense),
-        but a memory-bound gather, so measure on the target device
-        (``benchmarks/train_throughput.py``). Default off.
+        Decode each token's k concepts as a weighted sum of k dictionary rows
+        (``F.embedding_bag``) instead of ``codes @ D``: the same values up to rounding, n / k
+        times fewer FLOPs, but a memory-bound gather (``benchmarks/train_throughput.py``).
+    dictionary_init : {"randn", "unit", "tokens"}
+        ``randn``: raw rows ``torch.randn`` (norm about sqrt(d)), as released; Adam moves each
+        entry by about ``lr`` per step, so a short run barely turns them. ``unit``: the same
+        directions at unit norm (they turn sqrt(d) times faster). ``tokens``: row c of every
+        dictionary is that model's standardised token at one shared random row of the first batch.
+    encoder_init : {"default", "transpose"}
+        ``default``: PyTorch's Linear init, as released. ``transpose``: the dictionary's
+        transpose, zero bias (Gao et al., 2024).
     """
 
     loss: str = "l1_aux"
@@ -388,9 +345,6 @@ class TrainConfig:
     warmup_steps: int | None = None
     grad_clip: float = 1.0
     log_every: int = 100
-    checkpoint_path: str | None = None
-    checkpoint_every: int = 0
-    resume: bool = True
     device: str | None = None
     progress: bool = True
     precision: str = "fp32"
@@ -398,33 +352,27 @@ class TrainConfig:
     dictionary_init: str = "randn"
     encoder_init: str = "default"
 
+    # Options that change what a run computes: a resumed run must agree on all of them
+    # (sparse_decode changes only the float rounding, as the device does).
+    MATH_FIELDS = ("loss", "aux_weight", "update", "schedule", "lr", "final_lr", "weight_decay",
+                   "warmup_steps", "grad_clip", "precision", "dictionary_init", "encoder_init")
+
     def validate(self) -> None:
-        choices = {"loss": LOSSES, "update": ("released", "all_decoders"),
-                   "schedule": ("paper", "released"), "precision": ("fp32", "bf16"),
-                   "dictionary_init": DICTIONARY_INITS, "encoder_init": ("default", "transpose")}
-        for key, allowed in choices.items():
+        for key, allowed in CHOICES.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}={getattr(self, key)!r} is not one of {sorted(allowed)}.")
         for key in ("aux_weight", "lr", "final_lr", "weight_decay", "grad_clip"):
             value = getattr(self, key)
-            if (isinstance(value, bool) or not isinstance(value, (int, float))
-                    or not math.isfinite(value) or value < 0):
-                raise ValueError(f"{key} must be a finite number >= 0, got {value!r}.")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr!r}.")
-        if self.warmup_steps is not None and not _is_count(self.warmup_steps):
+            bound = "> 0" if key == "lr" else ">= 0"
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                    not math.isfinite(value) or value < 0 or (key == "lr" and value == 0):
+                raise ValueError(f"{key} must be a finite number {bound}, got {value!r}.")
+        if self.warmup_steps is not None and not is_int(self.warmup_steps):
             raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}.")
-        for key in ("resume", "progress", "sparse_decode"):
+        for key in ("progress", "sparse_decode"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"{key} must be True or False, got {getattr(self, key)!r}.")
-        _positive_int(self.log_every, "log_every")
-        if not _is_count(self.checkpoint_every):
-            raise ValueError(f"checkpoint_every must be an integer >= 0 (0: only at the end), "
-                             f"got {self.checkpoint_every!r}.")
-        if self.checkpoint_path is not None and not isinstance(self.checkpoint_path,
-                                                               (str, os.PathLike)):
-            raise ValueError(f"checkpoint_path must be a file path or None, "
-                             f"got {self.checkpoint_path!r}.")
+        require_positive_int(self.log_every, "log_every")
         if self.device is not None:
             try:
                 kind = torch.device(self.device).type
@@ -433,12 +381,6 @@ class TrainConfig:
                                  "'cuda[:N]'.") from error
             if kind == "cuda" and not torch.cuda.is_available():
                 raise ValueError(f"device {self.device!r}: no CUDA GPU is visible; use 'cpu'.")
-
-    # Options that change what a run computes: a resumed run must agree on all of them.
-    # sparse_decode is not one: it changes only the float rounding, like the device does.
-    MATH_FIELDS = ("loss", "aux_weight", "update", "schedule", "lr", "final_lr",
-                   "weight_decay", "warmup_steps", "grad_clip", "precision", "dictionary_init",
-                   "encoder_init")
 
 
 def scheduled_lr(step: int, total_steps: int, warmup_steps: int, base_lr: float,
@@ -451,7 +393,7 @@ def scheduled_lr(step: int, total_steps: int, warmup_steps: int, base_lr: float,
 
 
 # ----------------------------------------------------------------------------------------------
-# Trainer
+# Training
 
 
 class TrainResult(NamedTuple):
@@ -462,46 +404,38 @@ class TrainResult(NamedTuple):
     step: int
 
 
-_IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable")
-
-
 class Trainer:
     """Per-model AdamW optimizers, the schedule and the source-drawing generator of one run.
 
-    :func:`train` is the entry point; this class exists so that a single step can be driven
-    and inspected (tests, benchmarks).
+    :func:`train` drives it; it exists on its own so that single steps can be driven and
+    inspected (tests, benchmarks) and saved (``usae_checkpoint``).
     """
 
     def __init__(self, model: USAE, config: TrainConfig, total_steps: int, seed: int):
-        config.validate()
         self.model, self.config, self.total_steps, self.seed = model, config, total_steps, seed
-        self.warmup_steps = (total_steps // 30 if config.warmup_steps is None
-                             else config.warmup_steps)
-        self.loss_fn = LOSSES[config.loss]
-        # One fused kernel per update instead of a loop of small ops per parameter (about 4x
-        # faster on CPU at the paper's sizes); the same update up to float rounding.
+        self.warmup_steps = total_steps // 30 if config.warmup_steps is None else \
+            config.warmup_steps
+        # One fused kernel per update instead of small ops per parameter (about 4x faster on CPU
+        # at the paper's sizes); the same update up to float rounding.
         fused = True if next(model.parameters()).device.type in ("cpu", "cuda") else None
-        self.optimizers = {
-            name: torch.optim.AdamW(model.pairs[name].parameters(), lr=config.lr,
-                                    weight_decay=config.weight_decay, fused=fused)
-            for name in model.names}
+        self.optimizers = {name: torch.optim.AdamW(model.pairs[name].parameters(), lr=config.lr,
+                                                   weight_decay=config.weight_decay, fused=fused)
+                           for name in model.names}
         self.updates = dict.fromkeys(model.names, 0)  # optimizer steps taken per model
         self.generator = torch.Generator().manual_seed(seed)
         self.step_count = 0
         self.history: list[dict] = []  # one row per log interval, kept across resumes
-        # The dictionaries right after initialisation: how far training moved them is the first
-        # thing to check (a run whose rows still point where they started has learned nothing).
+        # How far training moved the dictionaries from here is the first thing to check: a run
+        # whose rows still point where they started has learned nothing.
         self.initial_dictionaries: dict[str, Tensor] = {}
-        device = next(model.parameters()).device
-        m, n = len(model.names), model.n_concepts
+        device, m = next(model.parameters()).device, len(model.names)
         self._r2_sums = torch.zeros(m, m, device=device)  # source x target, this interval
         self._source_steps = torch.zeros(m, device=device)
-        self._fires = torch.zeros(m, n, dtype=torch.long, device=device)
+        self._fires = torch.zeros(m, model.n_concepts, dtype=torch.long, device=device)
 
     @torch.no_grad()
     def initialise(self, batch: Mapping[str, Tensor]) -> None:
-        """Apply ``dictionary_init`` and ``encoder_init`` using the first standardised batch,
-        and keep the dictionaries they give as the reference of the movement measure."""
+        """Apply ``dictionary_init`` and ``encoder_init`` with the first standardised batch."""
         model, cfg = self.model, self.config
         if cfg.dictionary_init == "tokens":
             tokens = len(next(iter(batch.values())))
@@ -522,40 +456,32 @@ class Trainer:
             if cfg.encoder_init == "transpose":
                 pair.linear.weight.copy_(pair.dictionary())
                 pair.linear.bias.zero_()
-        self.initial_dictionaries = {name: model.dictionary(name).detach().clone()
-                                     for name in model.names}
+        self.initial_dictionaries = {n: model.dictionary(n).detach().clone() for n in model.names}
 
     def dictionary_cosine_to_init(self) -> dict[str, float | None]:
         """Per model, the median over concepts of the cosine between each dictionary row now and
         right after initialisation (1: nothing moved); ``None`` when the start is unknown."""
-        result = {}
-        for name in self.model.names:
-            start = self.initial_dictionaries.get(name)
-            result[name] = None if start is None else (
-                (self.model.dictionary(name).detach() * start).sum(dim=1).median().item())
-        return result
+        return {name: None if name not in self.initial_dictionaries else
+                (self.model.dictionary(name).detach() * self.initial_dictionaries[name])
+                .sum(dim=1).median().item() for name in self.model.names}
 
     @torch.no_grad()
     def _track(self, source: str, targets: Mapping[str, Tensor], recons: Mapping[str, Tensor],
-               indices: Tensor, values: Tensor) -> None:
-        """Accumulate this step's training-batch R^2 (released form, in the scalar frame) and
-        firings on the device; :meth:`read_interval` turns them into a history row."""
-        names = self.model.names
-        row = names.index(source)
-        for column, name in enumerate(names):
-            offset = self.model.scalar_frame_offset(name)
+               encoding: Encoding) -> None:
+        """Accumulate this step's training-batch R^2 (released form, scalar frame) and firings
+        on the device; :meth:`read_interval` turns them into a history row."""
+        row = self.model.names.index(source)
+        for column, name in enumerate(self.model.names):
             error = (targets[name] - recons[name]).square().mean()
-            variance = (targets[name] + offset).var(unbiased=False)
+            variance = (targets[name] + self.model.scalar_frame_offset(name)).var(unbiased=False)
             self._r2_sums[row, column] += 1 - error / (variance + 1e-6)
         self._source_steps[row] += 1
-        fired = indices[values > FIRING_THRESHOLD]
+        fired = encoding.indices[encoding.codes.gather(-1, encoding.indices) > FIRING_THRESHOLD]
         self._fires[row] += torch.bincount(fired, minlength=self.model.n_concepts)
 
     def read_interval(self) -> dict:
         """R^2 matrix, dead fractions and dictionary movement since the last call; resets."""
-        names = self.model.names
-        steps = self._source_steps.tolist()
-        r2 = self._r2_sums.tolist()
+        names, steps, r2 = self.model.names, self._source_steps.tolist(), self._r2_sums.tolist()
         fires = self._fires.cpu()
         seen = [i for i, count in enumerate(steps) if count > 0]
         row = {"r2": {names[i]: {t: r2[i][j] / steps[i] for j, t in enumerate(names)}
@@ -565,24 +491,23 @@ class Trainer:
                "dead_fraction_all": (fires.sum(dim=0) == 0).double().mean().item()
                if len(seen) == len(names) else None,
                "dictionary_cosine_to_init": self.dictionary_cosine_to_init()}
-        self._r2_sums.zero_()
-        self._source_steps.zero_()
-        self._fires.zero_()
+        for accumulator in (self._r2_sums, self._source_steps, self._fires):
+            accumulator.zero_()
         return row
 
     def draw_source(self) -> str:
-        index = torch.randint(len(self.model.names), (1,), generator=self.generator).item()
-        return self.model.names[index]
+        return self.model.names[torch.randint(len(self.model.names), (1,),
+                                              generator=self.generator).item()]
 
-    def _lr(self, name: str) -> float:
+    def lr(self, name: str) -> float:
         cfg = self.config
         if cfg.schedule == "paper":
-            return scheduled_lr(self.step_count, self.total_steps, self.warmup_steps,
-                                cfg.lr, cfg.final_lr)
-        if self.updates[name] == 0:  # the released optimizer's first step runs at its initial lr
+            step = self.step_count
+        elif self.updates[name] == 0:  # the released optimizer's first step uses its initial lr
             return cfg.lr
-        return scheduled_lr(self.updates[name], self.total_steps, self.warmup_steps,
-                            cfg.lr, cfg.final_lr)
+        else:
+            step = self.updates[name]
+        return scheduled_lr(step, self.total_steps, self.warmup_steps, cfg.lr, cfg.final_lr)
 
     def step(self, batch: Mapping[str, Tensor], source: str | None = None) -> Tensor:
         """One step on a standardised, validated batch; returns the per-target losses (M,)."""
@@ -591,134 +516,30 @@ class Trainer:
         stepped = model.names if cfg.update == "all_decoders" else [source]
         for name in stepped:
             self.optimizers[name].zero_grad(set_to_none=True)
-
         # The released code also computes the gradients of the decoders it does not step and
         # throws them away; detaching gives the stepped parameters the same gradients.
         dictionaries = {name: model.dictionary(name) if name in stepped
                         else model.dictionary(name).detach() for name in model.names}
         device = next(model.parameters()).device
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16,
-                                  enabled=cfg.precision == "bf16")
-        if cfg.loss == "l1_aux":
-            losses = self._l1_aux_losses(batch, source, dictionaries, autocast)
-        else:
-            with autocast:
-                encoding = model.encode_full(source, batch[source], standardized=True)
-                values = encoding.codes.gather(-1, encoding.indices)
-                recons = {name: F.embedding_bag(encoding.indices, d, per_sample_weights=values,
-                                                mode="sum") if cfg.sparse_decode
-                          else encoding.codes @ d for name, d in dictionaries.items()}
-            recons = {name: recon.float() for name, recon in recons.items()}
-            losses = torch.stack([
-                self.loss_fn(batch[name], recons[name], encoding.pre_codes,
-                             encoding.codes, dictionaries[name]) for name in model.names])
-            self._track(source, batch, recons, encoding.indices, values)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            encoding = model._encode(source, batch[source])
+            values = encoding.codes.gather(-1, encoding.indices)
+            recons = {name: (F.embedding_bag(encoding.indices, d, per_sample_weights=values,
+                                             mode="sum") if cfg.sparse_decode
+                             else encoding.codes @ d).float() for name, d in dictionaries.items()}
+            options = {"aux_weight": cfg.aux_weight} if cfg.loss == "l1_aux" else {}
+            losses = LOSSES[cfg.loss](batch, recons, encoding, dictionaries, **options)
+        self._track(source, batch, recons, encoding)
         losses.sum().backward()
-
         for name in stepped:
             if cfg.grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.pairs[name].parameters(), cfg.grad_clip)
-            optimizer = self.optimizers[name]
-            for group in optimizer.param_groups:
-                group["lr"] = self._lr(name)
-            optimizer.step()
+            for group in self.optimizers[name].param_groups:
+                group["lr"] = self.lr(name)
+            self.optimizers[name].step()
             self.updates[name] += 1
         self.step_count += 1
         return losses.detach()
-
-    def _l1_aux_losses(self, batch: Mapping[str, Tensor], source: str,
-                       dictionaries: Mapping[str, Tensor], autocast: torch.autocast) -> Tensor:
-        """:func:`l1_aux_loss` into every target, (M,): the same values for less work.
-
-        Rewrites of the M calls that change nothing but float rounding (tests/test_train_speed.py
-        checks them against the released loop). The auxiliary codes depend on the source only,
-        so they are selected once. Codes plus auxiliary codes are the top k + n // 2 ReLU'd
-        pre-codes (the top k, then the top n // 2 of the rest; where fewer are positive both
-        pick zeros, which carry no value and no gradient), so the auxiliary residual
-        ``residual - aux_codes @ D`` is ``target - wide @ D``: one decode, no leftovers formed.
-        Dictionaries are concatenated into one matmul for those that learn and one for frozen
-        ones, so no frozen weight gradient is ever formed.
-        """
-        model, cfg = self.model, self.config
-        with autocast:
-            pre_codes, activated, values, indices = model._encode(source, batch[source])
-        n = pre_codes.shape[1]
-        wide = activated
-        if model.k + n // 2 < n:
-            with torch.no_grad():
-                kept = torch.topk(activated, model.k + n // 2, dim=-1, sorted=False).indices
-                mask = torch.zeros_like(activated, dtype=torch.bool).scatter_(-1, kept, True)
-            wide = torch.where(mask, activated, 0.0)
-
-        learning = [name for name in model.names if dictionaries[name].requires_grad]
-        frozen = [name for name in model.names if name not in learning]
-        groups = [torch.cat([dictionaries[name] for name in group], dim=1)
-                  for group in (learning, frozen) if group]
-        with autocast:
-            if cfg.sparse_decode:
-                recon = torch.cat([F.embedding_bag(indices, d, per_sample_weights=values,
-                                                   mode="sum") for d in groups], dim=1)
-            else:
-                codes = torch.zeros_like(activated).scatter(-1, indices, values)
-                recon = torch.cat([codes @ d for d in groups], dim=1)
-            wide_recon = torch.cat([wide @ d for d in groups], dim=1)
-        recon, wide_recon = recon.float(), wide_recon.float()
-
-        terms, recons, start = {}, {}, 0
-        for name in learning + frozen:  # the column order of the decodes
-            target, stop = batch[name], start + batch[name].shape[1]
-            recons[name] = recon[:, start:stop]
-            main = (target - recons[name]).abs().mean()
-            aux = (target - wide_recon[:, start:stop]).abs().mean()
-            terms[name] = main + cfg.aux_weight * aux
-            start = stop
-        self._track(source, batch, recons, indices, values)
-        return torch.stack([terms[name] for name in model.names])
-
-    # -- state for checkpoints ------------------------------------------------------------------
-
-    def state_tensors(self) -> dict[str, Tensor]:
-        tensors = {"trainer.generator_state": self.generator.get_state()}
-        for name, start in self.initial_dictionaries.items():
-            tensors[f"trainer.initial_dictionary.{name}"] = start
-        for name, optimizer in self.optimizers.items():
-            for index, state in optimizer.state_dict()["state"].items():
-                for key, value in state.items():
-                    tensors[f"optimizer.{name}.{index}.{key}"] = value
-        return tensors
-
-    def state_json(self) -> dict:
-        groups = {name: [{k: v for k, v in g.items() if k != "params"}
-                         for g in opt.state_dict()["param_groups"]]
-                  for name, opt in self.optimizers.items()}
-        return {"config": dataclasses.asdict(self.config), "seed": self.seed,
-                "total_steps": self.total_steps, "step": self.step_count,
-                "updates": dict(self.updates), "param_groups": groups,
-                "history": self.history}
-
-    def load_state(self, meta: dict, tensors: Mapping[str, Tensor]) -> None:
-        self.generator.set_state(tensors["trainer.generator_state"])
-        for name, optimizer in self.optimizers.items():
-            prefix = f"optimizer.{name}."
-            state: dict[int, dict[str, Tensor]] = {}
-            for key, value in tensors.items():
-                if key.startswith(prefix):
-                    index, field = key[len(prefix):].split(".", 1)
-                    state.setdefault(int(index), {})[field] = value
-            # The hyperparameters come from the checkpoint, how the update is computed
-            # (fused, foreach) from this run.
-            groups = [dict(saved, betas=tuple(saved["betas"]), params=current["params"],
-                           **{key: current[key] for key in _IMPLEMENTATION_KEYS if key in current})
-                      for saved, current in zip(meta["param_groups"][name],
-                                                optimizer.state_dict()["param_groups"])]
-            optimizer.load_state_dict({"state": state, "param_groups": groups})
-        self.updates = dict(meta["updates"])
-        self.step_count = meta["step"]
-        self.history = list(meta.get("history", []))
-        device = next(self.model.parameters()).device
-        self.initial_dictionaries = {
-            name: tensors[f"trainer.initial_dictionary.{name}"].to(device)
-            for name in self.model.names if f"trainer.initial_dictionary.{name}" in tensors}
 
 
 def _check_batch(model: USAE, batch: Any, step: int) -> None:
@@ -736,10 +557,10 @@ def _check_batch(model: USAE, batch: Any, step: int) -> None:
     if next(iter(tokens.values())) < 2:
         raise ValueError(f"batch {step} has fewer than 2 tokens; BatchNorm needs a batch.")
     for name in model.names:
-        model._check_acts(name, batch[name])
-        if not torch.isfinite(batch[name]).all():
-            raise ValueError(f"batch {step} holds NaN or inf activations for model {name!r}; "
-                             "rebuild or clean the activation cache.")
+        try:
+            model.check_acts(name, batch[name])
+        except ValueError as error:
+            raise ValueError(f"batch {step}: {error}") from None
 
 
 def _batch_stream(batches: Iterable, start: int) -> Iterator:
@@ -759,7 +580,23 @@ def _batch_stream(batches: Iterable, start: int) -> Iterator:
             return
 
 
-def train(model: USAE, batches: Iterable[Mapping[str, Tensor]], steps: int, seed: int = 0,
+def make_trainer(model: USAE, steps: int, seed: int = 0, **options: Any) -> Trainer:
+    """Validate :func:`train`'s arguments and build its :class:`Trainer` (on ``device``)."""
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    if set(options) - set(fields):
+        raise TypeError(f"unknown training options {sorted(set(options) - set(fields))}; valid "
+                        f"ones are {fields}.")
+    require_positive_int(steps, "steps")
+    require_seed(seed)
+    config = TrainConfig(**options)
+    config.validate()
+    if config.device is not None:
+        model.to(config.device)
+    return Trainer(model, config, steps, seed)
+
+
+def train(model: USAE, batches: Iterable[Mapping[str, Tensor]], steps: int, seed: int = 0, *,
+          trainer: Trainer | None = None, on_step: Callable[[Trainer], None] | None = None,
           **options: Any) -> TrainResult:
     """Train ``model`` for ``steps`` steps (paper Fig. 3 with the released code's details).
 
@@ -768,63 +605,28 @@ def train(model: USAE, batches: Iterable[Mapping[str, Tensor]], steps: int, seed
     model : USAE
         Its standardisation is fitted on the first batch unless already set.
     batches : iterable of dict
-        Each batch maps every model name to a tensor (tokens x width) of *raw* activations,
-        row t of every tensor being the same image and position. A re-iterable source (a list,
-        a loader) is iterated again for each epoch; an object with ``iter_from(step)`` is asked
-        for the stream from ``step`` when a run resumes.
-    steps : int
-        Total optimisation steps of the run (a resumed run counts the ones already done).
-    seed : int
-        Seeds the drawing of source models.
+        Model name -> *raw* activations (tokens x width), row t of every tensor the same image
+        and position. Re-iterable sources are iterated again for each epoch; one with
+        ``iter_from(step)`` is asked for the stream from ``step`` when a run resumes.
+    steps, seed : int
+        Total optimisation steps (resumed ones included); seed of the draw of source models.
+    trainer, on_step
+        For ``usae_checkpoint``: a :class:`Trainer` to continue (replacing ``steps``, ``seed``
+        and the options) and a function called after every step.
     **options
         Fields of :class:`TrainConfig`.
-
-    Returns
-    -------
-    TrainResult
     """
-    unknown = set(options) - {f.name for f in dataclasses.fields(TrainConfig)}
-    if unknown:
-        raise TypeError(f"unknown training options {sorted(unknown)}; valid ones are "
-                        f"{[f.name for f in dataclasses.fields(TrainConfig)]}.")
-    _positive_int(steps, "steps")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an integer, got {seed!r}.")
-    config = TrainConfig(**options)
-    config.validate()
-    if config.device is not None:
-        model.to(config.device)
-    trainer = Trainer(model, config, steps, seed)
-    path = Path(config.checkpoint_path) if config.checkpoint_path else None
-    if path is not None:  # a write killed mid-way leaves its temporary file: remove it
-        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-            stale.unlink(missing_ok=True)
-    if path is not None and config.resume and path.exists():
-        _resume(trainer, path)
+    trainer = trainer or make_trainer(model, steps, seed, **options)
+    config, steps, names = trainer.config, trainer.total_steps, model.names
     model.train()
     device = next(model.parameters()).device
-    history = trainer.history
-    sums = torch.zeros(len(model.names), device=device)
-    sources = dict.fromkeys(model.names, 0)
-    since_log = 0
-
-    def log() -> None:
-        nonlocal since_log
-        values = (sums / since_log).tolist()
-        history.append({"step": trainer.step_count, "loss": sum(values),
-                        "loss_by_target": dict(zip(model.names, values)),
-                        "steps_by_source": dict(sources),
-                        "lr": {name: trainer._lr(name) for name in model.names},
-                        **trainer.read_interval()})
-        sums.zero_()
-        sources.update(dict.fromkeys(sources, 0))
-        since_log = 0
-
+    sums, since_log = torch.zeros(len(names), device=device), 0
+    sources = dict.fromkeys(names, 0)
     fitted = bool(model.standardization_fitted)  # read once: on a GPU each read is a sync
     stream = _batch_stream(batches, trainer.step_count)
     bar = tqdm(total=steps, initial=trainer.step_count, disable=not config.progress,
                desc="USAE", unit="step")
-    try:
+    with bar:
         while trainer.step_count < steps:
             batch = next(stream, None)
             if batch is None:
@@ -845,187 +647,15 @@ def train(model: USAE, batches: Iterable[Mapping[str, Tensor]], steps: int, seed
             since_log += 1
             bar.update(1)
             if trainer.step_count % config.log_every == 0 or trainer.step_count == steps:
-                log()
-                bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
-            if path is not None and config.checkpoint_every and \
-                    trainer.step_count % config.checkpoint_every == 0:
-                _write_checkpoint(model, path, trainer)
-    except (ValueError, TypeError):
-        # A bad batch is caught before it changes anything: keep the work done so far.
-        if path is not None and trainer.step_count > 0:
-            _write_checkpoint(model, path, trainer)
-        raise
-    finally:
-        bar.close()
-    if path is not None:
-        _write_checkpoint(model, path, trainer)
+                values = (sums / since_log).tolist()
+                trainer.history.append({
+                    "step": trainer.step_count, "loss": sum(values),
+                    "loss_by_target": dict(zip(names, values)), "steps_by_source": dict(sources),
+                    "lr": {name: trainer.lr(name) for name in names}, **trainer.read_interval()})
+                bar.set_postfix(loss=f"{values and sum(values):.4f}")
+                sums.zero_()
+                sources, since_log = dict.fromkeys(names, 0), 0
+            if on_step is not None:
+                on_step(trainer)
     model.eval()
-    return TrainResult(model, history, trainer.step_count)
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints: one safetensors file, the JSON configuration in its header. No pickle anywhere.
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not match what it is used with."""
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, fsync it, rename it to ``path``.
-
-    A crash at any moment leaves either the old file or the new one, never a half-written one.
-    """
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as error:
-        raise OSError(error.errno, f"cannot write {path}: {error.strerror}; choose a writable "
-                      "folder with free space.") from error
-    tmp = Path(tmp_name)
-    try:
-        os.close(fd)
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it a normal file's mode
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException as error:
-        tmp.unlink(missing_ok=True)
-        if isinstance(error, OSError) and not isinstance(error, CheckpointError):
-            raise OSError(error.errno, f"cannot write {path}: {error.strerror}; choose a "
-                          "writable folder with free space.") from error
-        raise
-
-
-def _header(model: USAE) -> dict:
-    return {"format": CHECKPOINT_FORMAT, "library_version": __version__,
-            "torch_version": torch.__version__, "model": model.config(),
-            "standardization": {n: {"mean": m, "std": s}
-                                for n, (m, s) in model.standardization().items()},
-            "standardization_fitted": bool(model.standardization_fitted)}
-
-
-def _checksum(header: Mapping, tensors: Mapping[str, Tensor]) -> str:
-    """sha256 of the header (less this checksum) and of every tensor's bytes, in key order."""
-    digest = hashlib.sha256(json.dumps({k: v for k, v in header.items() if k != "sha256"},
-                                       sort_keys=True).encode())
-    for key in sorted(tensors):
-        digest.update(key.encode())
-        digest.update(tensors[key].contiguous().reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
-def _write_checkpoint(model: USAE, path: Path, trainer: Trainer | None = None) -> None:
-    header = _header(model)
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if trainer is not None:
-        header["training"] = trainer.state_json()
-        tensors.update({k: v.detach().cpu().contiguous()
-                        for k, v in trainer.state_tensors().items()})
-    header["sha256"] = _checksum(header, tensors)
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"usae": json.dumps(header)}))
-
-
-def save(model: USAE, path: str | os.PathLike) -> None:
-    """Write ``model`` to one safetensors file whose header holds its JSON configuration."""
-    _write_checkpoint(model, Path(path))
-
-
-def read_header(path: str | os.PathLike) -> dict:
-    """The JSON configuration stored in a checkpoint (model, standardisation, training)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}.")
-    try:
-        with safe_open(path, framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        header = json.loads(metadata["usae"])
-    except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as error:
-        raise CheckpointError(f"{path} is not a readable USAE checkpoint ({error}); it may be "
-                              "truncated or from another program: train again or restore "
-                              "it from a copy.") from error
-    if header.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} has format {header.get('format')!r}, this library reads "
-                              f"{CHECKPOINT_FORMAT!r}.")
-    return header
-
-
-def _read_checkpoint(path: Path) -> tuple[dict, dict[str, Tensor]]:
-    header = read_header(path)
-    try:
-        tensors = load_file(path)
-    except (SafetensorError, OSError) as error:
-        raise CheckpointError(f"the tensors of {path} cannot be read ({error}); the file is "
-                              "damaged: train again or restore it from a copy.") from error
-    if "sha256" in header and _checksum(header, tensors) != header["sha256"]:
-        raise CheckpointError(f"{path} fails its checksum: its bytes were altered after it was "
-                              "written. Train again or restore it from a copy.")
-    return header, tensors
-
-
-def _load_model_state(model: USAE, header: dict, tensors: Mapping[str, Tensor], path: Path) -> None:
-    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    for name, width in model.dims.items():  # written before channel centring existed
-        state.setdefault(f"pairs.{name}.channel_offset", torch.zeros(width))
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as error:
-        raise CheckpointError(f"the weights in {path} do not fit its configuration: "
-                              f"{error}") from error
-    for name, (mean, std) in model.standardization().items():
-        stored = header["standardization"][name]
-        if not (math.isclose(mean, stored["mean"], rel_tol=1e-9, abs_tol=1e-12)
-                and math.isclose(std, stored["std"], rel_tol=1e-9)):
-            raise CheckpointError(f"{path}: the standardisation of {name!r} in the header "
-                                  "disagrees with the stored tensors; the file was altered.")
-
-
-def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> USAE:
-    """Read a model written by :func:`save` or by training; returns it in eval mode."""
-    path = Path(path)
-    header, tensors = _read_checkpoint(path)
-    config = header["model"]
-    model = USAE(config["dims"], config["n_concepts"], config["k"])
-    _load_model_state(model, header, tensors, path)
-    return model.to(device).eval()
-
-
-def _resume(trainer: Trainer, path: Path) -> None:
-    header, tensors = _read_checkpoint(path)
-    model, config = trainer.model, trainer.config
-    if header["model"] != model.config():
-        raise CheckpointError(f"the checkpoint {path} holds a USAE {header['model']}, but the "
-                              f"model being trained is {model.config()}: pass another "
-                              "checkpoint_path, or continue the saved one with "
-                              "usae_core.load(path).")
-    training = header.get("training")
-    if training is None:
-        raise CheckpointError(f"{path} holds a saved model but no training state; pass another "
-                              "checkpoint_path to start a new run.")
-    saved = training["config"]
-    defaults = TrainConfig()  # for fields added after the checkpoint was written
-    saved = {key: saved.get(key, getattr(defaults, key)) for key in TrainConfig.MATH_FIELDS}
-    differ = {key: (saved[key], getattr(config, key)) for key in TrainConfig.MATH_FIELDS
-              if saved[key] != getattr(config, key)}
-    if training["seed"] != trainer.seed:
-        differ["seed"] = (training["seed"], trainer.seed)
-    if training["total_steps"] != trainer.total_steps:
-        differ["steps"] = (training["total_steps"], trainer.total_steps)
-    if differ:
-        raise CheckpointError(f"cannot resume {path}: these settings differ (checkpoint, now): "
-                              f"{differ}. Use the checkpoint's settings, or another "
-                              "checkpoint_path (or resume=False) to start afresh.")
-    _load_model_state(model, header, tensors, path)
-    trainer.load_state(training, tensors)
-    if trainer.step_count > trainer.total_steps:
-        raise CheckpointError(f"{path} is at step {trainer.step_count}, past steps="
-                              f"{trainer.total_steps}.")
+    return TrainResult(model, trainer.history, trainer.step_count)

@@ -6,8 +6,6 @@ reason instead, and the cache lists it.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import re
@@ -20,6 +18,8 @@ from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps
+
+import usae_io
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 # Above this many pixels an image is not decoded at full size: a 40-megapixel RGB decode is
@@ -46,9 +46,7 @@ class ImageSet:
 
     def sha256(self) -> str:
         """Hash of the (path, label) list: two image sets with equal hashes are the same list."""
-        listing = json.dumps([[p, l] for p, l in zip(self.paths, self.labels)],
-                             separators=(",", ":"), ensure_ascii=False)
-        return hashlib.sha256(listing.encode("utf-8")).hexdigest()
+        return usae_io.sha256_json([[p, l] for p, l in zip(self.paths, self.labels)])
 
 
 def _label_from_name(stem: str) -> str:

@@ -37,7 +37,9 @@ from safetensors.torch import load_file, save_file
 
 import usae_analysis as analysis
 import usae_cache as cache_lib
+import usae_checkpoint as ckpt
 import usae_core as core
+import usae_io
 import usae_synthetic as synthetic
 
 PRESETS = ("offline", "paper", "synthetic")
@@ -152,7 +154,7 @@ class Experiment:
     def validate(self) -> None:
         """Reject nonsense before any long work starts."""
         for key in ("n_concepts", "k", "batch_tokens"):
-            core._positive_int(getattr(self, key), key)
+            core.require_positive_int(getattr(self, key), key)
         for key in ("train_images", "val_images", "ood_images", "tokens_per_image", "seed"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -222,7 +224,7 @@ class Experiment:
     def save(self) -> None:
         path = self.folder / "experiment.json"
         text = json.dumps(dataclasses.asdict(self), indent=1)
-        core.atomic_write(path, lambda tmp: tmp.write_text(text))
+        usae_io.atomic_write(path, text)
 
     @property
     def names(self) -> list[str]:
@@ -406,7 +408,7 @@ def train_usae(exp: Experiment, train_cache: cache_lib.Cache, *, progress: bool 
     dims = dict(zip(exp.names, train_cache.widths.values()))
     model = core.USAE(dims, exp.n_concepts, exp.k, seed=exp.seed)
     _standardize(model, *cache_statistics(exp, train_cache))
-    core.train(model, batches_for(train_cache, exp.names, exp.batch_tokens, exp.seed, exp.device),
+    ckpt.train(model, batches_for(train_cache, exp.names, exp.batch_tokens, exp.seed, exp.device),
                _steps(exp, train_cache, exp.epochs), seed=exp.seed, lr=exp.lr,
                device=exp.device, progress=progress, log_every=50,
                checkpoint_path=str(exp.folder / "usae.safetensors"), checkpoint_every=500,
@@ -426,7 +428,7 @@ def train_independent(exp: Experiment, train_cache: cache_lib.Cache, *,
         _standardize(sae, *statistics)
         loader = batches_for(train_cache, exp.names, exp.batch_tokens, exp.seed + offset,
                              exp.device, keep=[name])
-        core.train(sae, loader, _steps(exp, train_cache, exp.independent_epochs),
+        ckpt.train(sae, loader, _steps(exp, train_cache, exp.independent_epochs),
                    seed=exp.seed + offset, lr=exp.lr, device=exp.device, progress=progress,
                    log_every=50, checkpoint_path=str(exp.folder / f"sae_{name}.safetensors"),
                    checkpoint_every=500, **exp.train_options())
@@ -436,7 +438,7 @@ def train_independent(exp: Experiment, train_cache: cache_lib.Cache, *,
 
 def training_history(path: str | os.PathLike) -> list[dict]:
     """The history rows saved with a training checkpoint (one per log interval)."""
-    return core.read_header(path).get("training", {}).get("history", [])
+    return ckpt.read_header(path).get("training", {}).get("history", [])
 
 
 def dictionary_movement(exp: Experiment) -> dict:
@@ -454,7 +456,7 @@ def load_usae(exp: Experiment) -> core.USAE:
     path = exp.folder / "usae.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"no trained USAE at {path}: run notebook 00 first.")
-    return core.load(path, device=exp.device)
+    return ckpt.load(path, device=exp.device)
 
 
 class Run(NamedTuple):
@@ -478,7 +480,7 @@ def open_run(**params: Any) -> Run:
 
 
 def load_independent(exp: Experiment) -> dict[str, core.USAE]:
-    return {name: core.load(exp.folder / f"sae_{name}.safetensors", device=exp.device)
+    return {name: ckpt.load(exp.folder / f"sae_{name}.safetensors", device=exp.device)
             for name in exp.names}
 
 
@@ -504,7 +506,7 @@ def encoded_split(exp: Experiment, model: core.USAE, caches: Mapping[str, cache_
                for name, c in result.codes.items() for part in ("indices", "values")}
     header = json.dumps(result.reconstruction._asdict()).encode()
     tensors["__header__"] = torch.frombuffer(bytearray(header), dtype=torch.uint8)
-    core.atomic_write(path, lambda tmp: save_file(tensors, tmp))
+    usae_io.atomic_write(path, lambda tmp: save_file(tensors, tmp))
     return result
 
 

@@ -8,7 +8,7 @@
 tests/test_train_speed.py, which proves it equal to the trainer in fp32). (b) ``trainer``:
 ``usae_core.Trainer.step`` with the default options (fp32, dense decode); the other ``trainer``
 rows add the ``sparse_decode`` and ``precision="bf16"`` options. ``--levers`` adds ``per-target``
-(the library's public ``l1_aux_loss`` called once per target with the frozen decoders detached,
+(the released criterion, ``released_l1_aux``, called once per target with the frozen decoders detached,
 unsorted TopK and no host sync: the trainer as it was before this benchmark existed) and
 ``trainer, loop AdamW`` (the trainer with the released non-fused optimizers swapped in).
 
@@ -39,7 +39,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import usae_core as core  # noqa: E402
-from test_train_speed import reference_optimizers, reference_step  # noqa: E402
+from test_train_speed import (released_l1_aux, reference_optimizers,  # noqa: E402
+                              reference_step)
 
 PAPER = dict(n=6144, tokens=6272, widths="384,768,768", k=32)
 NAMES = ("dinov2", "siglip", "vit")
@@ -62,7 +63,8 @@ def synthetic_batches(widths: list[int], tokens: int, count: int, device: torch.
 
 
 def per_target_step(trainer: core.Trainer, batch: dict, source: str) -> torch.Tensor:
-    """The straightforward step: public l1_aux_loss once per target, frozen decoders detached."""
+    """The straightforward step: the released criterion once per target, frozen decoders
+    detached."""
     model, optimizer = trainer.model, trainer.optimizers[source]
     optimizer.zero_grad(set_to_none=True)
     encoding = model.encode_full(source, batch[source], standardized=True)
@@ -70,8 +72,8 @@ def per_target_step(trainer: core.Trainer, batch: dict, source: str) -> torch.Te
     for name in model.names:
         dictionary = model.dictionary(name)
         dictionary = dictionary if name == source else dictionary.detach()
-        terms.append(core.l1_aux_loss(batch[name], encoding.codes @ dictionary,
-                                      encoding.pre_codes, encoding.codes, dictionary))
+        terms.append(released_l1_aux(batch[name], encoding.pre_codes, encoding.codes,
+                                     dictionary))
     losses = torch.stack(terms)
     losses.sum().backward()
     torch.nn.utils.clip_grad_norm_(model.pairs[source].parameters(), 1.0)

@@ -42,6 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path.cwd().parent))  # the repository root, where the modules live
 
+import usae_checkpoint as ckpt
 import usae_core as core
 import usae_pipeline as pipeline
 
@@ -74,7 +75,7 @@ print("standardisation (train):", caches["train"].standardization)
 
 # %%
 model = pipeline.train_usae(exp, caches["train"])
-header = core.read_header(exp.folder / "usae.safetensors")
+header = ckpt.read_header(exp.folder / "usae.safetensors")
 print(model.config(), "trained for", header["training"]["step"], "steps")
 
 # %% [markdown]

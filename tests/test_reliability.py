@@ -37,6 +37,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
 import usae_cache as uc
+import usae_checkpoint as ckpt
 import usae_core as core
 import usae_pipeline as pipeline
 import usae_synthetic as synthetic
@@ -206,7 +207,7 @@ TRAIN = """
 import sys, time
 sys.path.insert(0, {root!r})
 import torch
-import usae_core, usae_synthetic
+import usae_checkpoint, usae_core, usae_synthetic
 
 checkpoint, log, delay = sys.argv[1], sys.argv[2], float(sys.argv[3])
 torch.set_num_threads(1)
@@ -222,8 +223,8 @@ class Stream:  # batch i of the run is batches[i % len]; logs each step as it st
             yield batches[step % len(batches)]
             step += 1
 
-usae_core.train(usae_core.USAE({dims!r}, 32, 2, seed=0), Stream(), {steps}, seed=3, lr=1e-2,
-                progress=False, checkpoint_path=checkpoint, checkpoint_every={every})
+usae_checkpoint.train(usae_core.USAE({dims!r}, 32, 2, seed=0), Stream(), {steps}, seed=3,
+                      lr=1e-2, progress=False, checkpoint_path=checkpoint, checkpoint_every={every})
 """
 STEPS, EVERY = 60, 7
 
@@ -259,14 +260,14 @@ def test_killed_training_resumes_to_the_uninterrupted_model(tmp_path):
                            delay=rng.uniform(0, 1.2))
         assert status == -signal.SIGKILL
         started = int(lines(log)[-1])  # steps done when the last logged one began
-        saved = core.read_header(checkpoint)["training"]["step"] if checkpoint.exists() else 0
+        saved = ckpt.read_header(checkpoint)["training"]["step"] if checkpoint.exists() else 0
         assert started // EVERY * EVERY <= saved <= started + 1 < STEPS
         if saved:
-            core.load(checkpoint)  # complete and readable, never half-written
+            ckpt.load(checkpoint)  # complete and readable, never half-written
 
     run_to_end(command(0.0))
-    assert core.read_header(checkpoint)["training"]["step"] == STEPS
-    resumed, expected = core.load(checkpoint).state_dict(), uninterrupted_training()
+    assert ckpt.read_header(checkpoint)["training"]["step"] == STEPS
+    resumed, expected = ckpt.load(checkpoint).state_dict(), uninterrupted_training()
     assert resumed.keys() == expected.keys()
     for key in expected:
         assert torch.equal(resumed[key], expected[key]), key
@@ -277,7 +278,7 @@ def test_a_killed_checkpoint_write_leaves_no_temporary_behind_after_resuming(tmp
     stale = tmp_path / ".usae.safetensors.k1ll3d.tmp"  # atomic_write's naming
     stale.write_bytes(b"half a checkpoint")
     batches = synthetic.token_batches(synthetic.planted_concepts(DIMS, 8, 2, 256).acts, 64)
-    core.train(core.USAE(DIMS, 16, 2, seed=0), batches, 2, progress=False,
+    ckpt.train(core.USAE(DIMS, 16, 2, seed=0), batches, 2, progress=False,
                checkpoint_path=str(checkpoint))
     assert not stale.exists()
 
@@ -372,14 +373,14 @@ def test_a_failure_writing_cache_json_keeps_the_cache_unfinished_and_resumable(
 
 @pytest.mark.parametrize("module, name, code", [(os, "replace", errno.EROFS),
                                                 (tempfile, "mkstemp", errno.EACCES),
-                                                (core, "save_file", errno.ENOSPC)])
+                                                (ckpt, "save_file", errno.ENOSPC)])
 def test_a_failed_checkpoint_write_keeps_the_last_one_and_training_resumes(
         module, name, code, tmp_path, monkeypatch):
     checkpoint = tmp_path / "usae.safetensors"
     batches = synthetic.token_batches(synthetic.planted_concepts(DIMS, 8, 2, 1024).acts, 64)
 
     def run():
-        return core.train(core.USAE(DIMS, 16, 2, seed=0), batches, 12, seed=1, progress=False,
+        return ckpt.train(core.USAE(DIMS, 16, 2, seed=0), batches, 12, seed=1, progress=False,
                           checkpoint_path=str(checkpoint), checkpoint_every=4)
 
     fail_on(monkeypatch, module, name, code, after=1)  # the second checkpoint, at step 8
@@ -387,7 +388,7 @@ def test_a_failed_checkpoint_write_keeps_the_last_one_and_training_resumes(
         run()
     assert error.value.errno == code and str(checkpoint) in str(error.value)
     assert [p.name for p in tmp_path.iterdir()] == ["usae.safetensors"]
-    assert core.read_header(checkpoint)["training"]["step"] == 4
+    assert ckpt.read_header(checkpoint)["training"]["step"] == 4
     monkeypatch.undo()
     resumed = run().model.state_dict()
     checkpoint.unlink()
@@ -560,7 +561,7 @@ def test_auto_verification_samples_blocks_of_a_large_cache(tmp_path, monkeypatch
 
 def tiny_checkpoint(path: Path) -> None:
     batches = synthetic.token_batches(synthetic.planted_concepts(DIMS, 8, 2, 256).acts, 64)
-    core.train(core.USAE(DIMS, 16, 3, seed=0), batches, 8, progress=False,
+    ckpt.train(core.USAE(DIMS, 16, 3, seed=0), batches, 8, progress=False,
                checkpoint_path=str(path))
 
 
@@ -569,8 +570,8 @@ def test_a_truncated_checkpoint_is_refused_when_training_resumes(tmp_path):
     tiny_checkpoint(path)
     truncate(path, 64)
     batches = synthetic.token_batches(synthetic.planted_concepts(DIMS, 8, 2, 256).acts, 64)
-    with pytest.raises(core.CheckpointError, match="restore it from a copy"):
-        core.train(core.USAE(DIMS, 16, 3, seed=0), batches, 12, progress=False,
+    with pytest.raises(ckpt.CheckpointError, match="restore it from a copy"):
+        ckpt.train(core.USAE(DIMS, 16, 3, seed=0), batches, 12, progress=False,
                    checkpoint_path=str(path))
 
 
@@ -582,9 +583,9 @@ def test_an_altered_checkpoint_is_refused(where, tmp_path):
         flip(path, path.stat().st_size - 3)  # inside the last tensor's data
     else:  # same length, still valid JSON, loads into a model of another k
         path.write_bytes(path.read_bytes().replace(b'\\"k\\": 3', b'\\"k\\": 4', 1))
-        assert core.read_header(path)["model"]["k"] == 4
-    with pytest.raises(core.CheckpointError):
-        core.load(path)
+        assert ckpt.read_header(path)["model"]["k"] == 4
+    with pytest.raises(ckpt.CheckpointError):
+        ckpt.load(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -795,12 +796,12 @@ def test_a_pickle_planted_in_an_unfinished_cache_or_a_checkpoint_is_refused(payl
 
     checkpoint = tmp_path / "usae.safetensors"
     checkpoint.write_bytes(data)
-    for load in (core.load, core.read_header):
-        with pytest.raises(core.CheckpointError):
+    for load in (ckpt.load, ckpt.read_header):
+        with pytest.raises(ckpt.CheckpointError):
             load(checkpoint)
     batches = synthetic.token_batches(synthetic.planted_concepts(DIMS, 8, 2, 256).acts, 64)
-    with pytest.raises(core.CheckpointError):
-        core.train(core.USAE(DIMS, 16, 2), batches, 2, progress=False,
+    with pytest.raises(ckpt.CheckpointError):
+        ckpt.train(core.USAE(DIMS, 16, 2), batches, 2, progress=False,
                    checkpoint_path=str(checkpoint))
     assert not marker.exists()
 
@@ -1025,5 +1026,5 @@ def test_train_refuses_nonsense_before_any_step(options, message, tmp_path):
     model = core.USAE(DIMS, 16, 2, seed=0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=message):
-        core.train(model, tiny_batches(), options.pop("steps"), options.pop("seed"), **options)
+        ckpt.train(model, tiny_batches(), options.pop("steps"), options.pop("seed"), **options)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import usae_core as core
+import usae_checkpoint as ckpt
 
 DIMS = {"a": 24, "b": 40, "c": 32}
 
@@ -29,6 +30,17 @@ def reference_optimizers(model: core.USAE, lr: float = 3e-4,
     return {name: torch.optim.AdamW(model.pairs[name].parameters(), lr=lr,
                                     weight_decay=weight_decay, foreach=False, fused=False)
             for name in model.names}
+
+
+def released_l1_aux(target: Tensor, pre_codes: Tensor, codes: Tensor, dictionary: Tensor,
+                    aux_weight: float = 0.1) -> Tensor:
+    """The released criterion of one target, as written there: the top n // 2 of the
+    non-selected ReLU'd pre-codes decode the (undetached) residual."""
+    residual = target - codes @ dictionary
+    leftover = F.relu(pre_codes) - codes
+    aux_values, aux_indices = torch.topk(leftover, leftover.shape[-1] // 2, dim=-1)
+    aux_codes = torch.zeros_like(leftover).scatter(-1, aux_indices, aux_values)
+    return residual.abs().mean() + aux_weight * (residual - aux_codes @ dictionary).abs().mean()
 
 
 def reference_step(model: core.USAE, optimizers: Mapping[str, torch.optim.Optimizer],
@@ -52,12 +64,8 @@ def reference_step(model: core.USAE, optimizers: Mapping[str, torch.optim.Optimi
     for name in names:
         raw = model.pairs[name].raw_dictionary
         dictionary = raw / (raw.norm(dim=1, keepdim=True) + 1e-8)
+        terms.append(released_l1_aux(batch[name], pre, z, dictionary, aux_weight))
         residual = batch[name] - z @ dictionary
-        leftover = F.relu(pre) - z
-        aux_values, aux_indices = torch.topk(leftover, leftover.shape[-1] // 2, dim=-1)
-        aux_z = torch.zeros_like(leftover).scatter(-1, aux_indices, aux_values)
-        aux = (residual - aux_z @ dictionary).abs().mean()
-        terms.append(residual.abs().mean() + aux_weight * aux)
         centred = batch[name] - batch[name].mean(dim=0)
         r2[name] = (1 - residual.detach().square().sum() / centred.square().sum()).item()
     loss = sum(terms)
@@ -152,16 +160,15 @@ def test_all_decoders_variant_equals_the_plain_loop():
 @pytest.mark.parametrize("n, k", [(128, 8), (16, 12), (17, 8)])
 @pytest.mark.parametrize("sparse_decode", [False, True])
 @pytest.mark.parametrize("update", ["released", "all_decoders"])
-def test_step_losses_equal_l1_aux_loss_per_target(n, k, sparse_decode, update):
+def test_step_losses_equal_the_released_l1_aux_per_target(n, k, sparse_decode, update):
     """Including k + n // 2 >= n, where every non-selected concept enters the auxiliary term."""
     batch = standardized_batches(1, tokens=64)[0]
     model = core.USAE(DIMS, n, k, seed=1).train()
     with torch.no_grad():
         encoding = model.encode_full("b", batch["b"], standardized=True)
         expected = torch.stack([
-            core.l1_aux_loss(batch[name], encoding.codes @ model.dictionary(name),
-                             encoding.pre_codes, encoding.codes, model.dictionary(name))
-            for name in DIMS])
+            released_l1_aux(batch[name], encoding.pre_codes, encoding.codes,
+                            model.dictionary(name)) for name in DIMS])
     model.pairs["b"].batch_norm.reset_running_stats()  # encode_full above counted as a batch
     config = core.TrainConfig(update=update, sparse_decode=sparse_decode)
     losses = core.Trainer(model, config, total_steps=5, seed=0).step(batch, source="b")
@@ -202,12 +209,12 @@ def test_precision_is_a_math_field_and_sparse_decode_is_not(tmp_path):
     batches = standardized_batches(2, tokens=32)
     common = dict(progress=False, checkpoint_path=str(path))
     with pytest.raises(ValueError, match="ran out after step 2"):  # leaves a checkpoint at 2
-        core.train(core.USAE(DIMS, 32, 4, seed=0), iter(batches), 4, **common)
+        ckpt.train(core.USAE(DIMS, 32, 4, seed=0), iter(batches), 4, **common)
     assert "precision" in core.TrainConfig.MATH_FIELDS
     assert "sparse_decode" not in core.TrainConfig.MATH_FIELDS
-    with pytest.raises(core.CheckpointError, match="'precision': \\('fp32', 'bf16'\\)"):
-        core.train(core.USAE(DIMS, 32, 4), batches, 4, precision="bf16", **common)
-    result = core.train(core.USAE(DIMS, 32, 4), batches, 4, sparse_decode=True, **common)
+    with pytest.raises(ckpt.CheckpointError, match="'precision': \\('fp32', 'bf16'\\)"):
+        ckpt.train(core.USAE(DIMS, 32, 4), batches, 4, precision="bf16", **common)
+    result = ckpt.train(core.USAE(DIMS, 32, 4), batches, 4, sparse_decode=True, **common)
     assert result.step == 4
 
 
@@ -218,9 +225,9 @@ def test_checkpoints_written_before_the_new_options_still_resume(tmp_path):
     path = tmp_path / "old.safetensors"
     batches = standardized_batches(2, tokens=32)
     with pytest.raises(ValueError, match="ran out after step 2"):  # leaves a checkpoint at 2
-        core.train(core.USAE(DIMS, 32, 4, seed=0), iter(batches), 4, progress=False,
+        ckpt.train(core.USAE(DIMS, 32, 4, seed=0), iter(batches), 4, progress=False,
                    checkpoint_path=str(path))
-    header = core.read_header(path)
+    header = ckpt.read_header(path)
     del header["sha256"]  # those checkpoints predate checksums too
     for key in ("precision", "sparse_decode"):
         del header["training"]["config"][key]
@@ -229,9 +236,9 @@ def test_checkpoints_written_before_the_new_options_still_resume(tmp_path):
             group["fused"] = None  # written by the earlier, non-fused optimizer
     save_file(load_file(path), path, metadata={"usae": json.dumps(header)})
     model = core.USAE(DIMS, 32, 4)
-    result = core.train(model, batches, 4, progress=False, checkpoint_path=str(path))
+    result = ckpt.train(model, batches, 4, progress=False, checkpoint_path=str(path))
     assert result.step == 4
-    written = core.read_header(path)["training"]
+    written = ckpt.read_header(path)["training"]
     assert written["config"]["precision"] == "fp32"
     assert all(g["fused"] for groups in written["param_groups"].values() for g in groups)
 

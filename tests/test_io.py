@@ -1,0 +1,74 @@
+"""Tests of usae_io: the one atomic writer and the hashes."""
+import errno
+import hashlib
+import os
+
+import pytest
+
+import usae_io
+
+
+@pytest.mark.parametrize("content, expected", [(b"\x00bytes", b"\x00bytes"),
+                                               ("text é", "text é".encode()),
+                                               (lambda tmp: tmp.write_bytes(b"by a writer"),
+                                                b"by a writer")])
+def test_atomic_write_takes_bytes_text_or_a_writer(tmp_path, content, expected):
+    path = tmp_path / "deep" / "file.bin"  # missing folders are made
+    usae_io.atomic_write(path, content)
+    assert path.read_bytes() == expected
+    assert path.stat().st_mode & 0o777 == usae_io.file_mode()
+    assert [p.name for p in path.parent.iterdir()] == ["file.bin"]
+
+
+def test_a_failed_write_keeps_the_old_file_names_it_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "file.bin"
+    usae_io.atomic_write(path, b"old")
+
+    def half_then_full_disk(tmp):
+        tmp.write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match=f"cannot write {path}.*free space") as error:
+        usae_io.atomic_write(path, half_then_full_disk)
+    assert error.value.errno == errno.ENOSPC
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["file.bin"]
+
+
+def test_a_writer_error_that_is_not_about_storage_passes_through(tmp_path):
+    def broken(tmp):
+        raise ValueError("bad data")
+
+    with pytest.raises(ValueError, match="bad data"):
+        usae_io.atomic_write(tmp_path / "x", broken)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unwritable_folder_is_named(tmp_path):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("")
+    with pytest.raises(OSError, match="cannot write .*not_a_folder"):
+        usae_io.atomic_write(blocker / "file", b"x")
+
+
+def test_stale_temporaries_are_those_of_the_given_file_only(tmp_path):
+    path = tmp_path / "usae.safetensors"
+    mine = tmp_path / ".usae.safetensors.k1ll3d.tmp"
+    other = tmp_path / ".other.safetensors.x.tmp"
+    for p in (mine, other):
+        p.write_bytes(b"half")
+    assert usae_io.stale_temporaries(path) == [mine]
+
+
+def test_sha256_json_is_canonical():
+    a = usae_io.sha256_json({"b": [1, 2], "a": "é"})
+    assert a == usae_io.sha256_json({"a": "é", "b": [1, 2]})  # key order does not matter
+    assert a == hashlib.sha256('{"a":"é","b":[1,2]}'.encode()).hexdigest()
+    assert a != usae_io.sha256_json({"a": "é", "b": [2, 1]})
+
+
+def test_sha256_file_reads_in_blocks(tmp_path):
+    path = tmp_path / "big"
+    data = os.urandom(3 * (1 << 20) + 17)
+    path.write_bytes(data)
+    assert usae_io.sha256_file(path) == hashlib.sha256(data).hexdigest()

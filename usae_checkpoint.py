@@ -1,0 +1,241 @@
+"""Checkpoints of a USAE and resumable training.
+
+A checkpoint is **one safetensors file**: the JSON configuration (names, widths, n, k,
+standardisation and, for training runs, the options, step, seed, history and optimizer
+hyper-parameters) in its header, the weights and, for training runs, the optimizer and generator
+state in its tensors, and a sha256 of both. Nothing is ever loaded with pickle; writes are
+atomic (``usae_io``). :func:`train` is ``usae_core.train`` plus checkpoints: killed at any
+moment and run again, it ends with the same tensors as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+import usae_core as core
+import usae_io
+
+FORMAT = "usae-checkpoint/1"
+# How an optimizer computes its update (not what it computes): taken from the running process.
+_IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not match what it is used with."""
+
+
+def _checksum(header: Mapping, tensors: Mapping[str, Tensor]) -> str:
+    """sha256 of the header (less this checksum) and of every tensor's bytes, in key order."""
+    digest = hashlib.sha256(json.dumps({k: v for k, v in header.items() if k != "sha256"},
+                                       sort_keys=True).encode())
+    for key in sorted(tensors):
+        digest.update(key.encode())
+        digest.update(tensors[key].contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _trainer_state(trainer: core.Trainer) -> tuple[dict, dict[str, Tensor]]:
+    tensors = {"trainer.generator_state": trainer.generator.get_state()}
+    for name, start in trainer.initial_dictionaries.items():
+        tensors[f"trainer.initial_dictionary.{name}"] = start
+    for name, optimizer in trainer.optimizers.items():
+        for index, state in optimizer.state_dict()["state"].items():
+            for key, value in state.items():
+                tensors[f"optimizer.{name}.{index}.{key}"] = value
+    groups = {name: [{k: v for k, v in group.items() if k != "params"}
+                     for group in optimizer.state_dict()["param_groups"]]
+              for name, optimizer in trainer.optimizers.items()}
+    meta = {"config": dataclasses.asdict(trainer.config), "seed": trainer.seed,
+            "total_steps": trainer.total_steps, "step": trainer.step_count,
+            "updates": dict(trainer.updates), "param_groups": groups, "history": trainer.history}
+    return meta, tensors
+
+
+def _write(model: core.USAE, path: Path, trainer: core.Trainer | None = None) -> None:
+    header = {"format": FORMAT, "library_version": core.__version__,
+              "torch_version": torch.__version__, "model": model.config(),
+              "standardization": {n: {"mean": m, "std": s}
+                                  for n, (m, s) in model.standardization().items()},
+              "standardization_fitted": bool(model.standardization_fitted)}
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    if trainer is not None:
+        header["training"], trainer_tensors = _trainer_state(trainer)
+        tensors.update(trainer_tensors)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    header["sha256"] = _checksum(header, tensors)
+    usae_io.atomic_write(path, lambda tmp: save_file(tensors, tmp,
+                                                     metadata={"usae": json.dumps(header)}))
+
+
+def save(model: core.USAE, path: str | os.PathLike) -> None:
+    """Write ``model`` to one safetensors file whose header holds its JSON configuration."""
+    _write(model, Path(path))
+
+
+def read_header(path: str | os.PathLike) -> dict:
+    """The JSON configuration stored in a checkpoint (model, standardisation, training)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}.")
+    try:
+        with safe_open(path, framework="pt") as handle:
+            header = json.loads((handle.metadata() or {})["usae"])
+    except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as error:
+        raise CheckpointError(f"{path} is not a readable USAE checkpoint ({error}); it may be "
+                              "truncated or from another program: train again or restore "
+                              "it from a copy.") from error
+    if header.get("format") != FORMAT:
+        raise CheckpointError(f"{path} has format {header.get('format')!r}, this library reads "
+                              f"{FORMAT!r}.")
+    return header
+
+
+def _read(path: Path) -> tuple[dict, dict[str, Tensor]]:
+    header = read_header(path)
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"the tensors of {path} cannot be read ({error}); the file is "
+                              "damaged: train again or restore it from a copy.") from error
+    if "sha256" in header and _checksum(header, tensors) != header["sha256"]:
+        raise CheckpointError(f"{path} fails its checksum: its bytes were altered after it was "
+                              "written. Train again or restore it from a copy.")
+    return header, tensors
+
+
+def _load_model_state(model: core.USAE, header: dict, tensors: Mapping[str, Tensor],
+                      path: Path) -> None:
+    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    for name, width in model.dims.items():  # written before channel centring existed
+        state.setdefault(f"pairs.{name}.channel_offset", torch.zeros(width))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise CheckpointError(f"the weights in {path} do not fit its configuration: "
+                              f"{error}") from error
+    for name, (mean, std) in model.standardization().items():
+        stored = header["standardization"][name]
+        if not (math.isclose(mean, stored["mean"], rel_tol=1e-9, abs_tol=1e-12)
+                and math.isclose(std, stored["std"], rel_tol=1e-9)):
+            raise CheckpointError(f"{path}: the standardisation of {name!r} in the header "
+                                  "disagrees with the stored tensors; the file was altered.")
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> core.USAE:
+    """Read a model written by :func:`save` or by training; returns it in eval mode."""
+    path = Path(path)
+    header, tensors = _read(path)
+    config = header["model"]
+    model = core.USAE(config["dims"], config["n_concepts"], config["k"])
+    _load_model_state(model, header, tensors, path)
+    return model.to(device).eval()
+
+
+def _load_trainer_state(trainer: core.Trainer, meta: dict, tensors: Mapping[str, Tensor]) -> None:
+    trainer.generator.set_state(tensors["trainer.generator_state"])
+    for name, optimizer in trainer.optimizers.items():
+        prefix = f"optimizer.{name}."
+        state: dict[int, dict[str, Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith(prefix):
+                index, field = key[len(prefix):].split(".", 1)
+                state.setdefault(int(index), {})[field] = value
+        groups = [dict(saved, betas=tuple(saved["betas"]), params=current["params"],
+                       **{key: current[key] for key in _IMPLEMENTATION_KEYS if key in current})
+                  for saved, current in zip(meta["param_groups"][name],
+                                            optimizer.state_dict()["param_groups"])]
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    trainer.updates, trainer.step_count = dict(meta["updates"]), meta["step"]
+    trainer.history = list(meta.get("history", []))
+    device = next(trainer.model.parameters()).device
+    trainer.initial_dictionaries = {
+        name: tensors[f"trainer.initial_dictionary.{name}"].to(device)
+        for name in trainer.model.names if f"trainer.initial_dictionary.{name}" in tensors}
+
+
+def _resume(trainer: core.Trainer, path: Path) -> None:
+    header, tensors = _read(path)
+    model, config = trainer.model, trainer.config
+    if header["model"] != model.config():
+        raise CheckpointError(f"the checkpoint {path} holds a USAE {header['model']}, but the "
+                              f"model being trained is {model.config()}: pass another "
+                              "checkpoint_path, or continue the saved one with "
+                              "usae_checkpoint.load(path).")
+    training = header.get("training")
+    if training is None:
+        raise CheckpointError(f"{path} holds a saved model but no training state; pass another "
+                              "checkpoint_path to start a new run.")
+    defaults = core.TrainConfig()  # for fields added after the checkpoint was written
+    saved = {key: training["config"].get(key, getattr(defaults, key))
+             for key in core.TrainConfig.MATH_FIELDS}
+    differ = {key: (saved[key], getattr(config, key)) for key in core.TrainConfig.MATH_FIELDS
+              if saved[key] != getattr(config, key)}
+    if training["seed"] != trainer.seed:
+        differ["seed"] = (training["seed"], trainer.seed)
+    if training["total_steps"] != trainer.total_steps:
+        differ["steps"] = (training["total_steps"], trainer.total_steps)
+    if differ:
+        raise CheckpointError(f"cannot resume {path}: these settings differ (checkpoint, now): "
+                              f"{differ}. Use the checkpoint's settings, or another "
+                              "checkpoint_path (or resume=False) to start afresh.")
+    _load_model_state(model, header, tensors, path)
+    _load_trainer_state(trainer, training, tensors)
+    if trainer.step_count > trainer.total_steps:
+        raise CheckpointError(f"{path} is at step {trainer.step_count}, past steps="
+                              f"{trainer.total_steps}.")
+
+
+def train(model: core.USAE, batches: Iterable[Mapping[str, Tensor]], steps: int, seed: int = 0,
+          *, checkpoint_path: str | os.PathLike | None = None, checkpoint_every: int = 0,
+          resume: bool = True, **options: Any) -> core.TrainResult:
+    """:func:`usae_core.train` with checkpoints: same arguments, plus
+
+    Parameters
+    ----------
+    checkpoint_path : path, optional
+        Where to write checkpoints. When it exists (and ``resume``), the run continues from it,
+        provided it was written with the same model, seed, steps and ``MATH_FIELDS``.
+    checkpoint_every : int
+        Steps between checkpoints (0: only at the end, and when a bad batch stops the run).
+    resume : bool
+        Continue from ``checkpoint_path`` when it exists (False: start afresh, overwrite it).
+    """
+    trainer = core.make_trainer(model, steps, seed, **options)
+    if checkpoint_path is not None and not isinstance(checkpoint_path, (str, os.PathLike)):
+        raise ValueError(f"checkpoint_path must be a file path or None, got {checkpoint_path!r}.")
+    if not core.is_int(checkpoint_every):
+        raise ValueError(f"checkpoint_every must be an integer >= 0 (0: only at the end), got "
+                         f"{checkpoint_every!r}.")
+    if not isinstance(resume, bool):
+        raise ValueError(f"resume must be True or False, got {resume!r}.")
+    if checkpoint_path is None:
+        return core.train(model, batches, steps, trainer=trainer)
+    path = Path(checkpoint_path)
+    for stale in usae_io.stale_temporaries(path):  # left by a write that was killed
+        stale.unlink(missing_ok=True)
+    if resume and path.exists():
+        _resume(trainer, path)
+
+    def write_every(trainer: core.Trainer) -> None:
+        if checkpoint_every and trainer.step_count % checkpoint_every == 0:
+            _write(model, path, trainer)
+
+    try:
+        result = core.train(model, batches, steps, trainer=trainer, on_step=write_every)
+    except (ValueError, TypeError):
+        # A bad batch is refused before it changes anything: keep the work done so far.
+        if trainer.step_count > 0:
+            _write(model, path, trainer)
+        raise
+    _write(model, path, trainer)
+    return result
