@@ -39,7 +39,9 @@ import usae_analysis as analysis
 import usae_cache as cache_lib
 import usae_checkpoint as ckpt
 import usae_core as core
+import usae_images as images_lib
 import usae_io
+import usae_loader as loader_lib
 import usae_synthetic as synthetic
 
 PRESETS = ("offline", "paper", "synthetic")
@@ -209,7 +211,7 @@ class Experiment:
             if self.preset == "paper" and not (root / "train").is_dir():
                 raise ValueError(f"{root} has no train/ folder: pass the ImageNet root.")
             for folder in ((root / "train", root / "val") if self.preset == "paper" else (root,)):
-                cache_lib.list_images(folder)  # raises, naming the folder, when it holds none
+                images_lib.list_images(folder)  # raises, naming the folder, when it holds none
         if not isinstance(self.device, str) or \
                 not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}.")
@@ -240,7 +242,7 @@ class Experiment:
 # Images and caches
 
 
-def _first(images: cache_lib.ImageSet, count: int) -> cache_lib.ImageSet:
+def _first(images: images_lib.ImageSet, count: int) -> images_lib.ImageSet:
     """The first ``count`` images of an evenly spread selection (all when ``count`` is 0)."""
     if not count or count >= len(images):
         return images
@@ -253,7 +255,7 @@ def _skimage_folder(name: str, arrays: Mapping[str, np.ndarray]) -> Path:
     """Write scikit-image's bundled pictures once as PNG files, so they are a folder."""
     from PIL import Image
 
-    folder = cache_lib.default_cache_dir() / name
+    folder = images_lib.default_cache_dir() / name
     if not folder.is_dir():
         staging = folder.with_name(folder.name + f".{os.getpid()}.tmp")
         staging.mkdir(parents=True, exist_ok=True)
@@ -263,34 +265,34 @@ def _skimage_folder(name: str, arrays: Mapping[str, np.ndarray]) -> Path:
     return folder
 
 
-def image_sets(exp: Experiment) -> dict[str, cache_lib.ImageSet]:
+def image_sets(exp: Experiment) -> dict[str, images_lib.ImageSet]:
     """The image splits: ``train``, ``val`` and the out-of-distribution stand-ins."""
     import skimage.data
 
-    shared = cache_lib.shared_data_root()
+    shared = images_lib.shared_data_root()
     if exp.preset == "paper":
         root = Path(exp.images).expanduser()
-        splits = {"train": cache_lib.list_images(root / "train"),
-                  "val": cache_lib.list_images(root / "val")}
+        splits = {"train": images_lib.list_images(root / "train"),
+                  "val": images_lib.list_images(root / "val")}
     elif exp.images is not None:
-        images = cache_lib.list_images(exp.images)
+        images = images_lib.list_images(exp.images)
         splits = {"train": images, "val": images}
     elif (shared / "imagenet-1000x1").is_dir():
-        splits = {"train": cache_lib.default_images(),
-                  "val": cache_lib.list_images(shared / "imagenet-1000x1")}
+        splits = {"train": images_lib.default_images(),
+                  "val": images_lib.list_images(shared / "imagenet-1000x1")}
     else:  # a user's clone without ../shared: scikit-image's photos, for both
-        photos = cache_lib.default_images()
+        photos = images_lib.default_images()
         splits = {"train": photos, "val": photos}
     textures = _skimage_folder("skimage-textures", {name: getattr(skimage.data, name)()
                                                      for name in ("brick", "grass", "gravel")})
-    splits["ood_textures_dtd_standin"] = cache_lib.list_images(textures)
+    splits["ood_textures_dtd_standin"] = images_lib.list_images(textures)
     if (shared / "faces").is_dir():
-        splits["ood_faces_celeba_standin"] = cache_lib.list_images(shared / "faces")
+        splits["ood_faces_celeba_standin"] = images_lib.list_images(shared / "faces")
     else:
         faces = skimage.data.lfw_subset()[:100]
         folder = _skimage_folder("skimage-lfw-faces", {f"face_{i:03d}": (f * 255).astype(
             np.uint8) for i, f in enumerate(faces)})
-        splits["ood_faces_celeba_standin"] = cache_lib.list_images(folder)
+        splits["ood_faces_celeba_standin"] = images_lib.list_images(folder)
     counts = {"train": exp.train_images, "val": exp.val_images}
     return {split: _first(images, counts.get(split, exp.ood_images))
             for split, images in splits.items()}
@@ -360,7 +362,8 @@ def _renamed(cache: cache_lib.Cache, names: list[str]) -> dict[str, str]:
 def batches_for(cache: cache_lib.Cache, names: list[str], batch_tokens: int, seed: int,
                 device: str, keep: list[str] | None = None):
     """A seekable loader whose batches use the USAE's model names (only ``keep``'s, if given)."""
-    loader = cache_lib.TokenLoader(cache, batch_size=batch_tokens, seed=seed, device=device)
+    config = loader_lib.LoaderConfig(batch_size=batch_tokens, seed=seed, device=device)
+    loader = loader_lib.TokenLoader(cache, config)
     rename = _renamed(cache, names)
     kept = set(names if keep is None else keep)
 
@@ -376,7 +379,7 @@ def rows_for(cache: cache_lib.Cache, names: list[str], batch_tokens: int = 196 *
              device: str = "cpu"):
     """The cache's rows in order, with the USAE's model names."""
     rename = _renamed(cache, names)
-    for batch in cache_lib.iter_rows(cache, batch_tokens, device=device):
+    for batch in loader_lib.iter_rows(cache, batch_tokens, device=device):
         yield {rename[k]: v for k, v in batch.items()}
 
 
@@ -395,7 +398,7 @@ def cache_statistics(exp: Experiment, train_cache: cache_lib.Cache) -> tuple[dic
     stats = {rename[k]: v for k, v in train_cache.standardization.items()}
     if exp.standardization != "channel":
         return stats, None
-    return stats, {rename[k]: v for k, v in cache_lib.channel_means(train_cache).items()}
+    return stats, {rename[k]: v for k, v in loader_lib.channel_means(train_cache).items()}
 
 
 def _standardize(model: core.USAE, stats: dict, means: dict | None) -> None:

@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import usae_analysis  # noqa: E402
 import usae_backbones  # noqa: E402
-import usae_cache  # noqa: E402
 import usae_core  # noqa: E402
+import usae_images  # noqa: E402
 
 CNNS = ("mobilenetv2_deepsort", "efficientnet_lite0")
 
@@ -37,7 +37,7 @@ def tokens_both_taps(backbone, images, batch_size: int) -> dict[str, torch.Tenso
     assert activation is not None, "load the *_relu6 name: it holds the ReLU6 module"
     with torch.inference_mode():
         for first in range(0, len(images), batch_size):
-            pixels = torch.stack([backbone.preprocess(usae_cache.open_image(
+            pixels = torch.stack([backbone.preprocess(usae_images.open_image(
                 images.absolute(i)).image) for i in range(first, min(first + batch_size,
                                                                      len(images)))])
             fmap = backbone._features(pixels)
@@ -93,8 +93,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    root = args.images or usae_cache.shared_data_root() / "imagenet-200x5"
-    images = usae_cache.list_images(root)
+    root = args.images or usae_images.shared_data_root() / "imagenet-200x5"
+    images = usae_images.list_images(root)
     if args.count:
         images = type(images)(images.root, images.paths[:args.count], images.labels[:args.count])
     labels = np.asarray(images.labels)

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import usae_backbones  # noqa: E402
 import usae_cache  # noqa: E402
+import usae_images  # noqa: E402
 
 
 def bare_forward(backbones, pixels: list[torch.Tensor], batch_size: int, device) -> float:
@@ -47,12 +48,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4, help="image-decoding threads")
     args = parser.parse_args()
 
-    images = (usae_cache.list_images(args.images) if args.images
-              else usae_cache.default_images())
+    images = (usae_images.list_images(args.images) if args.images
+              else usae_images.default_images())
     images = type(images)(images.root, images.paths[:args.count], images.labels[:args.count])
     backbones = [usae_backbones.load_backbone(name, device=args.device).eval()
                  for name in args.backbones.split(",")]
-    decoded = [usae_cache.open_image(images.absolute(i)).image for i in range(len(images))]
+    decoded = [usae_images.open_image(images.absolute(i)).image for i in range(len(images))]
     pixels = [torch.stack([b.preprocess(image) for image in decoded]) for b in backbones]
 
     bare_forward(backbones, [p[:args.batch_size] for p in pixels], args.batch_size,

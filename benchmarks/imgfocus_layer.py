@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import usae_backbones  # noqa: E402
 import usae_cache  # noqa: E402
+import usae_images  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cnn_feature_tap import mutual_knn, nearest_neighbour_accuracy  # noqa: E402
@@ -44,7 +45,7 @@ def main() -> None:
     tokens = {b: [] for b in blocks}
     with torch.inference_mode():
         for first in range(0, len(kept), 16):
-            pixels = torch.stack([backbone.preprocess(usae_cache.open_image(
+            pixels = torch.stack([backbone.preprocess(usae_images.open_image(
                 images.absolute(int(i))).image) for i in kept[first:first + 16]])
             outputs = vit.forward_intermediates(pixels, indices=blocks, norm=True,
                                                 intermediates_only=True, output_fmt="NLC")

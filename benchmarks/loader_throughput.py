@@ -25,13 +25,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import usae_cache  # noqa: E402
+import usae_cache_files  # noqa: E402
+import usae_loader  # noqa: E402
 
 PAPER_WIDTHS = {"dinov2": 384, "siglip": 768, "vit": 768}
 
 
 def measure(cache: usae_cache.Cache, batches: int, **options) -> tuple[float, float, float]:
     """Seconds to the first batch, tokens/s and MB/s over ``batches`` batches after it."""
-    loader = usae_cache.TokenLoader(cache, **options)
+    loader = usae_loader.TokenLoader(cache, usae_loader.LoaderConfig(**options))
     start = time.perf_counter()
     stream = iter(loader)
     next(stream)
@@ -41,7 +43,7 @@ def measure(cache: usae_cache.Cache, batches: int, **options) -> tuple[float, fl
         next(stream)
     seconds = time.perf_counter() - start
     stream.close()
-    tokens = batches * loader.batch_size / seconds
+    tokens = batches * loader.config.batch_size / seconds
     mb = tokens * 2 * sum(cache.widths.values()) / 1e6
     return first, tokens, mb
 
@@ -62,7 +64,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="usae-bench-") as tmp:
         folder = args.cache or Path(tmp) / "cache"
-        if (folder / usae_cache.METADATA_FILE).exists():
+        if (folder / usae_cache_files.METADATA_FILE).exists():
             cache = usae_cache.open_cache(folder)
             origin = "existing"
         else:
@@ -114,7 +116,7 @@ def trainer_tokens_per_second(cache: usae_cache.Cache, batch_size: int, steps: i
 
     model = usae_core.USAE(cache.widths, n_concepts=6144, k=32, seed=0)
     model.set_standardization(cache.standardization)
-    loader = iter(usae_cache.TokenLoader(cache, batch_size=batch_size))
+    loader = iter(usae_loader.TokenLoader(cache, usae_loader.LoaderConfig(batch_size=batch_size)))
     batches = [{n: model.standardize(n, t) for n, t in next(loader).items()}
                for _ in range(steps + 1)]
     trainer = usae_core.Trainer(model, usae_core.TrainConfig(), total_steps=steps + 1, seed=0)

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import usae_analysis as analysis  # noqa: E402
 import usae_cache  # noqa: E402
 import usae_core as core  # noqa: E402
+import usae_loader  # noqa: E402
 
 BASE = dict(n_concepts=1024, k=16, batch_tokens=1024, epochs=10.0, centre=False,
             train=dict(lr=1e-3))
@@ -133,7 +134,7 @@ def main() -> None:
     held_out = np.flatnonzero(image % 5 == 4)
     train_rows = np.flatnonzero(image % 5 != 4)
     stats = cache.standardization
-    means = usae_cache.channel_means(cache)
+    means = usae_loader.channel_means(cache)
     chosen = list(RECIPES) if args.recipes == "all" else args.recipes.split(",")
     print(f"{cache.path}: {len(train_rows)} training tokens, {len(held_out)} held-out tokens "
           f"(every fifth training image), models {names}", flush=True)

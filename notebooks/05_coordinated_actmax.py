@@ -47,7 +47,7 @@ exp, caches, model, source = pipeline.open_run(preset=preset, out=out, images=im
 
 import matplotlib.pyplot as plt
 import usae_actmax as actmax
-import usae_cache as cache_lib
+import usae_images
 
 # %%
 backbones = pipeline.load_backbones(exp) if exp.preset != "synthetic" else {}
@@ -62,7 +62,7 @@ print("concepts (high energy, firing entropy > 0.9):", universal)
 if backbones:
     config = actmax.MacoConfig(steps=6 if quick else 64, crops=1 if quick else 3)
     train_images = caches["train"].images
-    photos = [cache_lib.open_image(train_images.absolute(i)).image
+    photos = [usae_images.open_image(train_images.absolute(i)).image
               for i in range(min(len(train_images), 64))]
     prior = actmax.image_prior([p for p in photos if p is not None], config.image_size)
     results = {concept: actmax.coordinated_maximization(model, backbones, concept, prior, config,

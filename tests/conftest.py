@@ -1,8 +1,15 @@
-"""Shared pytest fixtures: the shared photo folder, a fake backbone, position-coded images."""
+"""Shared pytest fixtures and helpers: the shared photo folder, a fake backbone, position-coded
+and odd images, small caches, and the faults the reliability tests inject (storage failures,
+SIGKILL, planted pickles, bad paths)."""
 from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
+import shutil
+import subprocess
+import tempfile
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -94,17 +101,189 @@ def coded_image(image_id: int) -> Image.Image:
     return Image.fromarray(pixels)
 
 
+def write_images(folder: Path, n: int, broken: int | None = None) -> Path:
+    """Images ``img_000.png``... with identity 1..n; ``broken``: that one is not an image."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        coded_image(i + 1).save(folder / f"img_{i:03d}.png")
+    if broken is not None:  # one bad file inside the run: it must be skipped the same way
+        (folder / f"img_{broken:03d}.png").write_bytes(b"not an image")
+    return folder
+
+
 @pytest.fixture
 def write_coded_images():
     """Factory ``(folder, n) -> folder``: images ``img_000.png``... with identity 1..n."""
+    return write_images
 
-    def write(folder: Path, n: int) -> Path:
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            coded_image(i + 1).save(folder / f"img_{i:03d}.png")
-        return folder
 
-    return write
+@pytest.fixture(scope="module")
+def odd_folder(tmp_path_factory) -> Path:
+    """Valid but unusual images, and files that are not images at all (:data:`BAD`)."""
+    folder = tmp_path_factory.mktemp("odd")
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8))
+    photo.save(folder / "rgb.jpg", quality=90)
+    photo.convert("L").save(folder / "grey.jpg")
+    photo.convert("CMYK").save(folder / "cmyk.jpg")
+    rgba = photo.convert("RGBA")
+    rgba.putalpha(0)  # fully transparent: must come out white
+    rgba.save(folder / "rgba.png")
+    photo.convert("LA").save(folder / "la.png")
+    photo.convert("P", palette=Image.ADAPTIVE).save(folder / "palette.png")
+    Image.fromarray(np.full((20, 30), 65535, dtype=np.uint16)).save(folder / "grey16.png")
+    Image.fromarray(rng.random((20, 30), dtype=np.float32)).save(folder / "float.tif")
+    Image.new("RGB", (1, 1), (10, 20, 30)).save(folder / "one.png")
+    Image.new("RGB", (3, 5), (200, 100, 0)).save(folder / "tiny.bmp")
+    # 10,000 x 10,000: cheap as a flat-colour JPEG (~1 MB), decoded by libjpeg at half size.
+    Image.new("L", (10000, 10000), 128).save(folder / "huge.jpg", quality=50)
+    Image.new("1", (10000, 10000)).save(folder / "huge.png")  # not a JPEG: refused
+    good = (folder / "rgb.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (folder / "random.jpg").write_bytes(rng.integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    (folder / "empty.jpg").write_bytes(b"")
+    return folder
+
+
+BAD = {"truncated.jpg", "random.jpg", "empty.jpg", "huge.png"}  # odd_folder's unusable files
+
+
+# ---- small caches built with the fake backbones, and their files --------------------------------
+
+
+def fake_pair() -> list[FakeBackbone]:
+    return [FakeBackbone("alpha", 8, 1), FakeBackbone("beta", 12, 2)]
+
+
+def build_pair(images, out, **kwargs):
+    """``usae_cache.build_cache`` with :func:`fake_pair`, 60 tokens per image, quietly."""
+    import usae_cache
+
+    kwargs = {"batch_size": 2, "tokens_per_image": 60, "progress": False, "workers": 1,
+              **kwargs}
+    return usae_cache.build_cache(fake_pair(), images, out, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """24 coded images, the sixth of them broken."""
+    return write_images(tmp_path_factory.mktemp("images"), 24, broken=5)
+
+
+@pytest.fixture(scope="module")
+def small_cache(tmp_path_factory) -> Path:
+    """A complete 6-image cache with positions.npy; tests corrupt copies of it."""
+    root = tmp_path_factory.mktemp("small")
+    folder = root / "cache"
+    build_pair(write_images(root / "images", 6), folder, batch_size=4)
+    return folder
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    """Every file of a folder, hidden ones included (a leftover temporary must show)."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def copy_of(folder: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(folder, tmp_path / "copy"))
+
+
+def flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def truncate(path: Path, count: int = 10) -> None:
+    path.write_bytes(path.read_bytes()[:-count])
+
+
+# ---- faults: storage failures, SIGKILL, planted pickles, bad paths -------------------------------
+#
+# Root runs the tests, and chmod does not stop root, so storage faults are simulated by making
+# the system calls fail (monkeypatch), as a full or read-only disk makes them fail.
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fail_on(monkeypatch, module, name, code, when=lambda *args, **kwargs: True, after=0):
+    """Make ``module.name`` raise OSError(code) when ``when(...)``, after ``after`` good calls."""
+    original, calls = getattr(module, name), []
+
+    def failing(*args, **kwargs):
+        if when(*args, **kwargs):
+            calls.append(args)
+            if len(calls) > after:
+                raise OSError(code, os.strerror(code))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, failing)
+
+
+def kill_when(command: list[str], ready, delay: float, timeout: float = 120) -> int:
+    """Start ``command``; once ``ready()`` is true wait ``delay`` seconds, then SIGKILL it.
+
+    Returns the exit status. Fails (and never hangs) if the process ends or stalls first.
+    """
+    with tempfile.TemporaryFile() as output:  # a file, not a pipe that could fill and block
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, cwd=ROOT)
+        deadline = time.monotonic() + timeout
+        try:
+            while not ready():
+                if process.poll() is not None:
+                    output.seek(0)
+                    pytest.fail(f"exited ({process.returncode}) before it could be killed:\n"
+                                + output.read().decode()[-3000:])
+                if time.monotonic() > deadline:
+                    pytest.fail(f"no progress within {timeout} s")
+                time.sleep(0.02)
+            time.sleep(delay)
+        finally:
+            process.kill()
+            process.wait(timeout=30)
+    return process.returncode
+
+
+def run_to_end(command: list[str]) -> None:
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().split() if path.exists() else []
+
+
+class Payload:
+    """Unpickling this touches a marker file: proof that a loader ran code from the file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+@pytest.fixture
+def payload(tmp_path):
+    """(marker, malicious pickle bytes); the payload is shown to be live before use."""
+    marker = tmp_path / "PWNED"
+    data = pickle.dumps(Payload(marker), protocol=4)
+    pickle.loads(data)
+    assert marker.exists()
+    marker.unlink()
+    return marker, data
+
+
+@pytest.fixture(scope="module")
+def odd_paths(tmp_path_factory) -> dict[str, Path]:
+    """A file, an empty folder, a missing path and a folder of images without ``train/``."""
+    root = tmp_path_factory.mktemp("paths")
+    (root / "a_file").write_text("not a folder")
+    (root / "empty").mkdir()
+    (root / "no_train").mkdir()
+    coded_image(1).save(root / "no_train" / "x.png")
+    return {"file": root / "a_file", "empty": root / "empty", "missing": root / "missing",
+            "no_train": root / "no_train"}
 
 
 # ---- a USAE trained on planted concepts (usae_core, usae_analysis) -----------------------------

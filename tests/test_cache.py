@@ -1,17 +1,30 @@
-"""Tests of usae_cache: image listing and decoding, the activation cache, the token loader."""
+"""Tests of usae_cache: building a cache (alignment, sizes, statistics, resuming after a crash
+or a storage fault, refusing another request or bad arguments) and opening it."""
 from __future__ import annotations
 
 import dataclasses
-import itertools
+import errno
 import json
+import os
+import signal
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from PIL import Image
 
 import usae_cache as uc
+import usae_cache_files
+import usae_cache_verify
+import usae_images
+import usae_io
+import usae_loader
+from conftest import (BAD, ROOT, build_pair, coded_image, copy_of, fail_on, fake_pair,
+                      folder_bytes, kill_when, lines, run_to_end, truncate)
+from test_images import SEEDS, odd_files
+from usae_cache_files import CacheMismatchError
+from usae_cache_verify import CorruptCacheError
 
 # ----------------------------------------------------------------------------------------------
 # Helpers
@@ -33,135 +46,11 @@ def read_bytes(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def odd_folder(tmp_path_factory) -> Path:
-    """Valid but unusual images, and files that are not images at all."""
-    folder = tmp_path_factory.mktemp("odd")
-    rng = np.random.default_rng(0)
-    photo = Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8))
-    photo.save(folder / "rgb.jpg", quality=90)
-    photo.convert("L").save(folder / "grey.jpg")
-    photo.convert("CMYK").save(folder / "cmyk.jpg")
-    rgba = photo.convert("RGBA")
-    rgba.putalpha(0)  # fully transparent: must come out white
-    rgba.save(folder / "rgba.png")
-    photo.convert("LA").save(folder / "la.png")
-    photo.convert("P", palette=Image.ADAPTIVE).save(folder / "palette.png")
-    Image.fromarray(np.full((20, 30), 65535, dtype=np.uint16)).save(folder / "grey16.png")
-    Image.fromarray(rng.random((20, 30), dtype=np.float32)).save(folder / "float.tif")
-    Image.new("RGB", (1, 1), (10, 20, 30)).save(folder / "one.png")
-    Image.new("RGB", (3, 5), (200, 100, 0)).save(folder / "tiny.bmp")
-    # 10,000 x 10,000: cheap as a flat-colour JPEG (~1 MB), decoded by libjpeg at half size.
-    Image.new("L", (10000, 10000), 128).save(folder / "huge.jpg", quality=50)
-    Image.new("1", (10000, 10000)).save(folder / "huge.png")  # not a JPEG: refused
-    good = (folder / "rgb.jpg").read_bytes()
-    (folder / "truncated.jpg").write_bytes(good[: len(good) // 2])
-    (folder / "random.jpg").write_bytes(rng.integers(0, 256, 5000, dtype=np.uint8).tobytes())
-    (folder / "empty.jpg").write_bytes(b"")
+def reference(images, tmp_path_factory) -> Path:
+    """The cache of ``images`` built without interruption."""
+    folder = tmp_path_factory.mktemp("reference") / "cache"
+    build_pair(images, folder)
     return folder
-
-
-BAD = {"truncated.jpg", "random.jpg", "empty.jpg", "huge.png"}
-
-
-def identity_cache(tmp_path: Path, n_images: int = 30) -> uc.Cache:
-    """A synthetic cache where row r of both models stores r in base 256 in columns 0..2."""
-    folder = tmp_path / "ids"
-    uc.make_synthetic_cache(folder, {"alpha": 4, "beta": 6}, n_images, stats_sample=10)
-    for name in ("alpha", "beta"):
-        array = np.load(folder / f"{name}.npy", mmap_mode="r+")
-        rows = np.arange(len(array))
-        array[:, 0], array[:, 1], array[:, 2] = rows % 256, rows // 256 % 256, rows // 65536
-        array.flush()
-        del array
-    return uc.open_cache(folder)
-
-
-def row_ids(tensor: torch.Tensor) -> np.ndarray:
-    values = tensor[:, :3].double().numpy().round().astype(np.int64)
-    return values[:, 0] + 256 * values[:, 1] + 65536 * values[:, 2]
-
-
-# ----------------------------------------------------------------------------------------------
-# Images
-
-
-def test_list_images_layouts(tmp_path):
-    flat = tmp_path / "flat"
-    flat.mkdir()
-    for name in ("n01440764_10026_tench.jpg", "n01484850_great_white_shark.JPEG", "cat.Png",
-                 "notes.txt", ".hidden.jpg"):
-        (flat / name).write_bytes(b"x")
-    images = uc.list_images(flat)
-    assert images.paths == ("cat.Png", "n01440764_10026_tench.jpg",
-                            "n01484850_great_white_shark.JPEG")
-    assert images.labels == ("cat", "tench", "great_white_shark")
-    assert len(images) == 3 and images.absolute(0) == flat.resolve() / "cat.Png"
-
-    classes = tmp_path / "classes"
-    (classes / "dog" / "more").mkdir(parents=True)
-    (classes / "bird").mkdir()
-    (classes / "dog" / "a.jpg").write_bytes(b"x")
-    (classes / "dog" / "more" / "b.webp").write_bytes(b"x")
-    (classes / "bird" / "n01530575_1_brambling.TIF").write_bytes(b"x")
-    images = uc.list_images(classes)
-    assert images.paths == ("bird/n01530575_1_brambling.TIF", "dog/a.jpg", "dog/more/b.webp")
-    assert images.labels == ("bird", "dog", "dog")
-    assert uc.list_images(classes).sha256() == images.sha256() != uc.list_images(flat).sha256()
-
-
-def test_list_images_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        uc.list_images(tmp_path / "nowhere")
-    (tmp_path / "readme.txt").write_text("no images here")
-    with pytest.raises(ValueError, match="no image found"):
-        uc.list_images(tmp_path)
-
-
-def test_list_images_shared_photos(shared_data_dir):
-    train = uc.list_images(shared_data_dir / "imagenet-200x5")
-    assert len(train) == 1000 and len(set(train.labels)) == 200
-    assert train.labels[0] == "person" and train.labels[-1] == "burrito"
-    val = uc.list_images(shared_data_dir / "imagenet-1000x1")
-    assert len(val) == 1000 and val.labels[:3] == ("tench", "goldfish", "great_white_shark")
-    faces = uc.list_images(shared_data_dir / "faces")  # pairs.csv is not an image
-    assert len(faces) == 64 and all(label == Path(p).stem for p, label in
-                                    zip(faces.paths, faces.labels))
-
-
-def test_default_images_falls_back_to_skimage(tmp_path, monkeypatch):
-    monkeypatch.setenv("USAE_SHARED_DATA", str(tmp_path / "no-shared-data"))
-    images = uc.default_images(tmp_path / "cache")
-    assert len(images) == 14 and "astronaut" in images.labels
-    assert images.root == (tmp_path / "cache" / "skimage-photos").resolve()
-    first = images.absolute(0).stat().st_mtime_ns
-    assert uc.default_images(tmp_path / "cache") == images  # written once
-    assert images.absolute(0).stat().st_mtime_ns == first
-    camera = uc.open_image(images.absolute(images.labels.index("camera"))).image
-    assert camera.mode == "RGB"
-
-
-def test_default_images_prefers_shared_photos(shared_data_dir, monkeypatch):
-    monkeypatch.setenv("USAE_SHARED_DATA", str(shared_data_dir))
-    assert uc.default_images().root == (shared_data_dir / "imagenet-200x5").resolve()
-
-
-def test_open_image_odd_files(odd_folder):
-    results = {p.name: uc.open_image(p) for p in sorted(odd_folder.iterdir())}
-    for name, (image, reason) in results.items():
-        if name in BAD:
-            assert image is None and reason, name
-        else:
-            assert reason is None and image.mode == "RGB", (name, reason)
-    assert "0 bytes" in results["empty.jpg"].reason
-    assert "too large" in results["huge.png"].reason
-    assert "truncated" in results["truncated.jpg"].reason
-    assert results["huge.jpg"].image.size == (5000, 5000)  # drafted, within MAX_PIXELS
-    assert np.asarray(results["rgba.png"].image).min() == 255  # transparent -> white
-    assert (np.asarray(results["grey16.png"].image) == 255).all()  # 65535 -> 255, not clipped
-    grey = np.asarray(results["grey.jpg"].image)
-    assert (grey[..., 0] == grey[..., 1]).all() and (grey[..., 1] == grey[..., 2]).all()
-    assert results["one.png"].image.getpixel((0, 0)) == (10, 20, 30)
-    assert results["float.tif"].image.size == (30, 20)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,7 +58,7 @@ def test_open_image_odd_files(odd_folder):
 
 
 def test_build_skips_bad_images_and_completes(odd_folder, tmp_path, make_fake_backbone):
-    images = uc.list_images(odd_folder)
+    images = usae_images.list_images(odd_folder)
     cache = build(pair(make_fake_backbone), images, tmp_path / "c")
     skipped = cache.metadata["skipped"]
     assert skipped["count"] == len(BAD)
@@ -183,7 +72,7 @@ def test_build_skips_bad_images_and_completes(odd_folder, tmp_path, make_fake_ba
 
 
 def test_rows_are_aligned_across_models(tmp_path, make_fake_backbone, write_coded_images):
-    images = uc.list_images(write_coded_images(tmp_path / "imgs", 7))
+    images = usae_images.list_images(write_coded_images(tmp_path / "imgs", 7))
     for tokens in (None, 50):
         cache = build(pair(make_fake_backbone), images, tmp_path / f"c{tokens}",
                       tokens_per_image=tokens)
@@ -199,7 +88,7 @@ def test_rows_are_aligned_across_models(tmp_path, make_fake_backbone, write_code
 
 
 def test_token_subsample(tmp_path, make_fake_backbone, write_coded_images):
-    images = uc.list_images(write_coded_images(tmp_path / "imgs", 6))
+    images = usae_images.list_images(write_coded_images(tmp_path / "imgs", 6))
     widths = [8, 12]
     tokens = uc.tokens_per_image_for_budget(widths, len(images), budget_bytes=6 * 40 * 20 * 2)
     assert tokens == 40
@@ -227,12 +116,12 @@ def test_size_helpers():
 
 
 def test_metadata_contents(tmp_path, make_fake_backbone, write_coded_images):
-    images = uc.list_images(write_coded_images(tmp_path / "imgs", 3))
+    images = usae_images.list_images(write_coded_images(tmp_path / "imgs", 3))
     backbones = pair(make_fake_backbone)
     cache = build(backbones, images, tmp_path / "c")
     meta = json.loads((tmp_path / "c" / "cache.json").read_text())
     assert meta == cache.metadata and meta["complete"] is True
-    assert meta["format"] == uc.CACHE_FORMAT and meta["grid"] == 14
+    assert meta["format"] == usae_cache_files.CACHE_FORMAT and meta["grid"] == 14
     assert meta["tokens_per_image"] == 196 and meta["n_tokens"] == 3 * 196
     assert meta["bytes_per_image"] == 2 * 196 * 20
     assert meta["images"]["paths"] == list(images.paths)
@@ -246,7 +135,7 @@ def test_metadata_contents(tmp_path, make_fake_backbone, write_coded_images):
 
 
 def test_standardization_matches_numpy(tmp_path, make_fake_backbone, write_coded_images):
-    images = uc.list_images(write_coded_images(tmp_path / "imgs", 10))
+    images = usae_images.list_images(write_coded_images(tmp_path / "imgs", 10))
     for stats_sample in (4, 1000):
         cache = build(pair(make_fake_backbone), images, tmp_path / f"c{stats_sample}",
                       stats_sample=stats_sample, tokens_per_image=30)
@@ -257,7 +146,7 @@ def test_standardization_matches_numpy(tmp_path, make_fake_backbone, write_coded
             values = np.asarray(cache.arrays[name][rows], dtype=np.float64)
             assert mean == pytest.approx(values.mean(), rel=1e-12, abs=1e-12)
             assert std == pytest.approx(values.std(ddof=1), rel=1e-12)
-        for name, means in uc.channel_means(cache).items():  # per-channel centring's means
+        for name, means in usae_loader.channel_means(cache).items():  # per-channel centring's means
             values = np.asarray(cache.arrays[name][rows], dtype=np.float64)
             np.testing.assert_allclose(means, values.mean(axis=0), rtol=1e-12, atol=1e-12)
 
@@ -266,7 +155,7 @@ def test_interrupted_build_resumes_byte_identical(tmp_path, make_fake_backbone,
                                                   write_coded_images):
     folder = write_coded_images(tmp_path / "imgs", 10)
     (folder / "img_004.png").write_bytes(b"not an image")  # a skip inside the run
-    images = uc.list_images(folder)
+    images = usae_images.list_images(folder)
     reference = tmp_path / "reference"
     build(pair(make_fake_backbone), images, reference, batch_size=3, tokens_per_image=60)
 
@@ -299,7 +188,7 @@ def test_non_finite_activations_skip_the_image_for_every_model(tmp_path, make_fa
             out[out[:, 0, 1] == 3] = float("nan")  # channel 1 holds the image identity
             return out
 
-    images = uc.list_images(write_coded_images(tmp_path / "imgs", 5))
+    images = usae_images.list_images(write_coded_images(tmp_path / "imgs", 5))
     cache = build([make_fake_backbone("alpha", 8, 1), NaNForImage3("beta", 12, 2)], images,
                   tmp_path / "c", tokens_per_image=10)
     assert cache.metadata["skipped"]["images"] == [
@@ -311,7 +200,7 @@ def test_non_finite_activations_skip_the_image_for_every_model(tmp_path, make_fa
 
 
 def test_bad_arguments(tmp_path, make_fake_backbone, write_coded_images):
-    images = uc.list_images(write_coded_images(tmp_path / "imgs", 2))
+    images = usae_images.list_images(write_coded_images(tmp_path / "imgs", 2))
 
     class WrongShape(make_fake_backbone):
         def forward(self, pixels):
@@ -327,7 +216,7 @@ def test_bad_arguments(tmp_path, make_fake_backbone, write_coded_images):
 
 def test_mismatch_is_refused_and_rebuild_works(tmp_path, make_fake_backbone,
                                                write_coded_images):
-    images = uc.list_images(write_coded_images(tmp_path / "imgs", 5))
+    images = usae_images.list_images(write_coded_images(tmp_path / "imgs", 5))
     out = tmp_path / "c"
     build(pair(make_fake_backbone), images, out, tokens_per_image=20)
 
@@ -335,15 +224,15 @@ def test_mismatch_is_refused_and_rebuild_works(tmp_path, make_fake_backbone,
     build(again, images, out, tokens_per_image=20)  # same request: opened, nothing computed
     assert [bb.calls for bb in again] == [0, 0]
 
-    with pytest.raises(uc.CacheMismatchError, match=r"(?s)tokens_per_image: cached 20, "
-                                                    r"requested 196.*rebuild=True"):
+    with pytest.raises(CacheMismatchError, match=r"(?s)tokens_per_image: cached 20, "
+                                                 r"requested 196.*rebuild=True"):
         build(pair(make_fake_backbone), images, out)
-    with pytest.raises(uc.CacheMismatchError, match=r"model 'beta': describe"):
+    with pytest.raises(CacheMismatchError, match=r"model 'beta': describe"):
         build(pair(make_fake_backbone, seed_b=3), images, out, tokens_per_image=20)
-    with pytest.raises(uc.CacheMismatchError, match="models: cached"):
+    with pytest.raises(CacheMismatchError, match="models: cached"):
         build([make_fake_backbone("alpha", 8, 1)], images, out, tokens_per_image=20)
-    subset = uc.ImageSet(images.root, images.paths[:4], images.labels[:4])
-    with pytest.raises(uc.CacheMismatchError, match="image list"):
+    subset = usae_images.ImageSet(images.root, images.paths[:4], images.labels[:4])
+    with pytest.raises(CacheMismatchError, match="image list"):
         build(pair(make_fake_backbone), subset, out, tokens_per_image=20)
 
     cache = build(pair(make_fake_backbone), subset, out, rebuild=True)
@@ -357,7 +246,7 @@ def test_mismatch_is_refused_and_rebuild_works(tmp_path, make_fake_backbone,
     unfinished = tmp_path / "unfinished"
     with pytest.raises(KeyboardInterrupt):
         build([Crashing("alpha", 8, 1)], images, unfinished)
-    with pytest.raises(uc.CacheMismatchError, match="unfinished cache"):
+    with pytest.raises(CacheMismatchError, match="unfinished cache"):
         build([make_fake_backbone("alpha", 8, 1)], images, unfinished, tokens_per_image=9)
     assert build([make_fake_backbone("alpha", 8, 1)], images, unfinished,
                  tokens_per_image=9, rebuild=True).n_tokens == 5 * 9
@@ -365,9 +254,36 @@ def test_mismatch_is_refused_and_rebuild_works(tmp_path, make_fake_backbone,
         "alpha.npy", "cache.json", "kept_images.npy", "positions.npy"]
 
 
+def test_the_request_hash_names_the_cache(tmp_path, make_fake_backbone, write_coded_images):
+    """cache.json stores the sha256 of the request, and that hash decides; a cache written
+    before the hash was stored is named by the hash of the request its fields record."""
+    images = usae_images.list_images(write_coded_images(tmp_path / "imgs", 3))
+    out = tmp_path / "c"
+    cache = build(pair(make_fake_backbone), images, out, tokens_per_image=20)
+    recorded = cache.metadata["request_sha256"]
+    assert recorded == usae_io.sha256_json(usae_cache_files.request_of(cache.metadata))
+
+    def rewrite(change):
+        metadata = json.loads((out / "cache.json").read_text())
+        change(metadata)
+        metadata["checksums"]["metadata_sha256"] = usae_cache_verify.metadata_digest(metadata)
+        (out / "cache.json").write_text(json.dumps(metadata))
+
+    rewrite(lambda m: m.pop("request_sha256"))
+    again = pair(make_fake_backbone)
+    build(again, images, out, tokens_per_image=20)  # same request: opened, nothing computed
+    assert [bb.calls for bb in again] == [0, 0]
+    with pytest.raises(CacheMismatchError, match="tokens_per_image: cached 20"):
+        build(pair(make_fake_backbone), images, out)
+
+    rewrite(lambda m: m.update(request_sha256="0" * 64))
+    with pytest.raises(CacheMismatchError, match="request sha256: cached 0000"):
+        build(pair(make_fake_backbone), images, out, tokens_per_image=20)
+
+
 def test_real_photos(shared_data_dir, tmp_path, make_fake_backbone):
-    listed = uc.list_images(shared_data_dir / "imagenet-200x5")
-    images = uc.ImageSet(listed.root, listed.paths[::125], listed.labels[::125])
+    listed = usae_images.list_images(shared_data_dir / "imagenet-200x5")
+    images = usae_images.ImageSet(listed.root, listed.paths[::125], listed.labels[::125])
     cache = build(pair(make_fake_backbone), images, tmp_path / "c", tokens_per_image=64)
     assert cache.metadata["skipped"]["count"] == 0 and cache.n_tokens == 8 * 64
     for mean, std in cache.standardization.values():
@@ -375,94 +291,232 @@ def test_real_photos(shared_data_dir, tmp_path, make_fake_backbone):
 
 
 # ----------------------------------------------------------------------------------------------
-# Loader
+# Interruption: SIGKILL at a random moment, then resume
 
 
-def take(loader, count, start=0):
-    return list(itertools.islice(loader.iter_from(start), count))
+EXTRACT = """
+import sys, time
+sys.path[:0] = [{root!r}, {tests!r}]
+from conftest import FakeBackbone
+import usae_cache as uc
+import usae_cache_verify as cv
+
+images, out, log, mode = sys.argv[1:]
+
+class Slow(FakeBackbone):
+    def forward(self, pixels):
+        time.sleep(0.2)
+        tokens = super().forward(pixels)
+        if self.name == "beta":  # the last model: this batch is computed
+            with open(log, "a") as handle:
+                handle.write(f"{{self.calls}}\\n")
+        return tokens
+
+if mode == "slow-finalize":  # stretch the final hashing so that a kill can land in it
+    hashes = cv.block_hashes
+    def slow_hashes(*args, **kwargs):
+        open(log + ".finalizing", "w").close()
+        time.sleep(1.0)
+        return hashes(*args, **kwargs)
+    cv.block_hashes = slow_hashes
+
+uc.build_cache([Slow("alpha", 8, 1), Slow("beta", 12, 2)], images, out, batch_size=2,
+               tokens_per_image=60, progress=False, workers=1)
+"""
 
 
-def test_loader_aligned_and_seeded(tmp_path):
-    cache = identity_cache(tmp_path)
-    loader = uc.TokenLoader(cache, batch_size=500, seed=3, chunk_rows=64, buffer_chunks=4)
-    batches = take(loader, 30)
-    for batch in batches:
-        assert set(batch) == {"alpha", "beta"} and batch["alpha"].dtype == torch.float32
-        assert batch["alpha"].shape == (500, 4) and batch["beta"].shape == (500, 6)
-        assert (row_ids(batch["alpha"]) == row_ids(batch["beta"])).all()
-    again = take(uc.TokenLoader(cache, batch_size=500, seed=3, chunk_rows=64, buffer_chunks=4,
-                                prefetch=False), 30)
-    assert all(torch.equal(x[n], y[n]) for x, y in zip(batches, again) for n in x)
-    other = take(uc.TokenLoader(cache, batch_size=500, seed=4, chunk_rows=64,
-                                buffer_chunks=4), 3)
-    assert not torch.equal(other[0]["alpha"], batches[0]["alpha"])
+def test_killed_extraction_resumes_byte_identical(images, reference, tmp_path):
+    """Two SIGKILLs during the batches and one during the final hashing lose at most the batch
+    being computed, progress.json never claims more than was written, an unfinished cache is
+    never opened, and the resumed cache is byte-identical to the uninterrupted one."""
+    script = tmp_path / "extract.py"
+    script.write_text(EXTRACT.format(root=str(ROOT), tests=str(ROOT / "tests")))
+    out, log = tmp_path / "cache", tmp_path / "log"
+    progress = out / "progress.json"
+    rng = np.random.default_rng(7)
+    n, batch = 24, 2
+
+    def command(mode="plain"):
+        return [sys.executable, str(script), str(images), str(out), str(log), mode]
+
+    for _ in range(2):
+        before = json.loads(progress.read_text())["images_done"] if progress.exists() else 0
+        log.unlink(missing_ok=True)
+        status = kill_when(command(), lambda: progress.exists() and lines(log),
+                           delay=rng.uniform(0, 1.0))
+        assert status == -signal.SIGKILL
+        done = json.loads(progress.read_text())["images_done"]
+        computed = len(lines(log))  # batches whose forward pass finished in this run
+        assert before + (computed - 1) * batch <= done <= min(n, before + computed * batch)
+        assert done < n and not (out / "cache.json").exists()
+        with pytest.raises(FileNotFoundError, match="unfinished"):
+            uc.open_cache(out)
+
+    finalizing = Path(str(log) + ".finalizing")
+    status = kill_when(command("slow-finalize"), finalizing.exists, delay=rng.uniform(0, 0.5))
+    assert status == -signal.SIGKILL and not (out / "cache.json").exists()
+    assert json.loads(progress.read_text())["images_done"] == n
+
+    run_to_end(command())
+    assert folder_bytes(out) == folder_bytes(reference)
+    uc.open_cache(out, verify="full")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert len(set(modes.values())) == 1, modes  # whoever can read the arrays reads it all
 
 
-# 5,880 rows: the batch divides them, does not, is larger than an epoch
-@pytest.mark.parametrize("batch_size", [490, 512, 6000])
-def test_loader_epochs_cover_every_row_once(tmp_path, batch_size):
-    cache = identity_cache(tmp_path)
-    n = cache.n_tokens
-    loader = uc.TokenLoader(cache, batch_size=batch_size, chunk_rows=100, buffer_chunks=5)
-    batches = take(loader, -(-3 * n // batch_size))
-    stream = np.concatenate([row_ids(b["alpha"]) for b in batches])
-    epochs = [stream[e * n:(e + 1) * n] for e in range(3)]
-    for epoch in epochs:
-        assert (np.sort(epoch) == np.arange(n)).all()
-    assert not (epochs[0] == epochs[1]).all()
-    assert len(iter(loader).__next__()["alpha"]) == batch_size
+# ----------------------------------------------------------------------------------------------
+# Storage faults: a clear error naming the path, never a half-written file under a final name,
+# and the work resumes once the disk is fixed
 
 
-def test_iter_from_matches_fresh_iteration(tmp_path):
-    cache = identity_cache(tmp_path)
-    kwargs = dict(batch_size=300, seed=5, chunk_rows=64, buffer_chunks=3)
-    fresh = take(uc.TokenLoader(cache, **kwargs), 45)  # ~2.3 epochs
-    for step in (0, 1, 7, 19, 20, 40):
-        loader = uc.TokenLoader(cache, **kwargs)
-        resumed = take(loader, 5, start=step)
-        for x, y in zip(resumed, fresh[step:step + 5]):
-            assert all(torch.equal(x[n], y[n]) for n in x)
-    # Seeking far ahead reads only the buffers it serves (plus the one read ahead).
-    loader = uc.TokenLoader(cache, **kwargs)
-    next(loader.iter_from(10_000))
-    assert loader.rows_read <= 2 * 64 * 3 * 2
+def assert_clean_failure(error: pytest.ExceptionInfo, path: Path, folder: Path, code: int):
+    """A clear error naming the file, and nothing half-written under a final name."""
+    assert error.value.errno == code
+    assert str(path) in str(error.value) and "writable folder with free space" in str(error.value)
+    left = sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+    assert not [name for name in left if name.endswith(".tmp")], left
+    assert "cache.json" not in left
 
 
-class RecordingArray:
-    """Wraps a memmap: allows only row slices, records their sizes; no whole-array access."""
-
-    def __init__(self, array):
-        self.array, self.shape, self.dtype, self.reads = array, array.shape, array.dtype, []
-
-    def __getitem__(self, key):
-        assert isinstance(key, slice) and key.step is None, key
-        start, stop, _ = key.indices(self.shape[0])
-        self.reads.append(stop - start)
-        return self.array[key]
+def named(target):
+    return lambda source, destination, *args, **kwargs: Path(destination).name == target
 
 
-def test_loader_memory_is_bounded(tmp_path):
-    cache = identity_cache(tmp_path)
-    recorded = {name: RecordingArray(array) for name, array in cache.arrays.items()}
-    wrapped = dataclasses.replace(cache, arrays=recorded)
-    loader = uc.TokenLoader(wrapped, batch_size=200, chunk_rows=50, buffer_chunks=4)
-    batches = take(loader, 10)  # 2,000 rows served
-    for array in recorded.values():
-        assert max(array.reads) <= 50
-        # served rows, plus at most one buffer being served and one read ahead
-        assert sum(array.reads) <= 2000 + 2 * 50 * 4
-    assert loader.largest_read <= 50 and len(batches) == 10
+@pytest.mark.parametrize("case", ["memmap", "progress", "kept", "mkdir", "mkstemp"])
+def test_storage_faults_of_a_cache_build_are_clear_and_leave_no_partial_file(
+        case, images, tmp_path, monkeypatch):
+    out = tmp_path / "cache"
+    code, path = {
+        "memmap": (errno.ENOSPC, out / "beta.npy.partial"),
+        "progress": (errno.EROFS, out / "progress.json"),
+        "kept": (errno.EACCES, out / "kept_images.npy"),
+        "mkdir": (errno.EROFS, out),
+        "mkstemp": (errno.EACCES, out / "progress.json")}[case]
+    if case == "memmap":
+        fail_on(monkeypatch, np.lib.format, "open_memmap", code, after=1)
+    elif case in ("progress", "kept"):
+        fail_on(monkeypatch, os, "replace", code, named(path.name))
+    elif case == "mkdir":
+        fail_on(monkeypatch, Path, "mkdir", code)
+    else:
+        fail_on(monkeypatch, tempfile, "mkstemp", code)
+    with pytest.raises(OSError) as error:
+        build_pair(images, out)
+    assert_clean_failure(error, path, out, code)
+    if case in ("memmap", "progress", "mkdir", "mkstemp"):  # nothing was done: nothing is left
+        assert not out.exists() or not list(out.iterdir())
 
 
-def test_loader_standardize_and_validation(tmp_path, make_fake_backbone, write_coded_images):
-    images = uc.list_images(write_coded_images(tmp_path / "imgs", 4))
-    cache = build(pair(make_fake_backbone), images, tmp_path / "c")
-    raw = next(iter(uc.TokenLoader(cache, batch_size=64, seed=1)))
-    scaled = next(iter(uc.TokenLoader(tmp_path / "c", batch_size=64, seed=1, standardize=True)))
-    for name, (mean, std) in cache.standardization.items():
-        assert torch.allclose(scaled[name], (raw[name] - mean) / (std + 1e-5))
-    for bad in (1, 0, 2.5, True):
-        with pytest.raises(ValueError, match="batch_size"):
-            uc.TokenLoader(cache, batch_size=bad)
-    with pytest.raises(ValueError, match="step"):
-        next(uc.TokenLoader(cache, batch_size=8).iter_from(-1))
+@pytest.mark.skipif(not hasattr(os, "posix_fallocate"), reason="no posix_fallocate")
+def test_a_disk_that_fills_up_mid_build_stops_cleanly_and_the_build_resumes(
+        images, reference, tmp_path, monkeypatch):
+    """Disk blocks are reserved before each batch is written through the memory map (where a
+    full disk would kill the process with SIGBUS): ENOSPC becomes a clear error, the batches
+    done are kept, and after space is freed the build ends byte-identical."""
+    out = tmp_path / "cache"
+    fail_on(monkeypatch, os, "posix_fallocate", errno.ENOSPC, after=6)  # batch 4, model alpha
+    with pytest.raises(OSError) as error:
+        build_pair(images, out)
+    assert_clean_failure(error, out / "alpha.npy.partial", out, errno.ENOSPC)
+    assert json.loads((out / "progress.json").read_text())["images_done"] == 6
+    assert not (out / "alpha.npy").exists()  # arrays keep their final name until complete
+    monkeypatch.undo()
+    build_pair(images, out)
+    assert folder_bytes(out) == folder_bytes(reference)
+
+
+def test_a_failure_writing_cache_json_keeps_the_cache_unfinished_and_resumable(
+        images, reference, tmp_path, monkeypatch):
+    out = tmp_path / "cache"
+    fail_on(monkeypatch, os, "replace", errno.ENOSPC, named("cache.json"))
+    with pytest.raises(OSError) as error:
+        build_pair(images, out)
+    assert_clean_failure(error, out / "cache.json", out, errno.ENOSPC)
+    with pytest.raises(FileNotFoundError, match="unfinished"):
+        uc.open_cache(out)
+    monkeypatch.undo()
+    build_pair(images, out)
+    assert folder_bytes(out) == folder_bytes(reference)
+
+
+# ----------------------------------------------------------------------------------------------
+# Damaged metadata and bad images met by a build
+
+
+def test_build_cache_on_damaged_metadata_says_rebuild_and_rebuild_repairs(small_cache,
+                                                                         tmp_path):
+    folder = copy_of(small_cache, tmp_path)
+    metadata = json.loads((folder / "cache.json").read_text())
+    images = Path(metadata["images"]["root"])
+    truncate(folder / "cache.json", 200)
+    with pytest.raises(CorruptCacheError, match="rebuild=True"):
+        build_pair(images, folder, batch_size=4)
+    build_pair(images, folder, batch_size=4, rebuild=True)
+    assert folder_bytes(folder) == folder_bytes(small_cache)
+
+
+def test_a_build_over_fuzzed_and_odd_files_completes_and_lists_every_skip(tmp_path):
+    folder = tmp_path / "images"
+    expected = odd_files(folder)
+    rng = np.random.default_rng(5)
+    for i in range(20):
+        (folder / f"random_{i:02d}.jpg").write_bytes(rng.bytes(int(rng.integers(0, 2000))))
+    for i in range(15):
+        data = bytearray(SEEDS[["JPEG", "PNG", "WEBP"][i % 3]])
+        for _ in range(int(rng.integers(1, 6))):
+            data[int(rng.integers(0, len(data)))] ^= int(rng.integers(1, 256))
+        (folder / f"mutated_{i:02d}.{['jpg', 'png', 'webp'][i % 3]}").write_bytes(
+            bytes(data[: int(rng.integers(len(data) // 2, len(data) + 1))]))
+    for i in range(3):
+        coded_image(i + 1).save(folder / f"good_{i}.png")
+
+    cache = build_pair(folder, tmp_path / "cache", batch_size=8, tokens_per_image=4)
+    listed = usae_images.list_images(folder)
+    assert "folder.jpg" not in listed.paths
+    skipped = {item["path"]: item["reason"] for item in cache.metadata["skipped"]["images"]}
+    kept = {listed.paths[i] for i in cache.kept_images}
+    assert kept.isdisjoint(skipped) and kept | set(skipped) == set(listed.paths)
+    assert all(reason for reason in skipped.values())
+    assert {f"good_{i}.png" for i in range(3)} <= kept
+    for name, reason in expected.items():
+        assert (name in skipped) == (reason is not None), name
+    assert cache.n_tokens == 4 * len(kept)
+    uc.open_cache(tmp_path / "cache", verify="full")
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad configuration, refused before any long work
+
+
+BUILD_CASES = [
+    ({"batch_size": 0}, "batch_size must be a positive integer"),
+    ({"batch_size": 2.5}, "batch_size must be a positive integer"),
+    ({"tokens_per_image": 0}, "tokens_per_image must be within 1..196"),
+    ({"tokens_per_image": 197}, "tokens_per_image must be within 1..196"),
+    ({"stats_sample": -1}, "stats_sample must be a positive integer"),
+    ({"seed": -1}, "seed must be an integer >= 0"),
+    ({"seed": "0"}, "seed must be an integer >= 0"),
+    ({"workers": 0}, "workers must be a positive integer"),
+    ({"device": "tpu"}, "'tpu' is not a torch device"),
+    ({"images": "{missing}"}, "does not exist"),
+    ({"images": "{empty}"}, "no image found"),
+    ({"out": "{file}"}, "exists and is not a folder"),
+    ({"backbones": []}, "at least one backbone"),
+]
+
+
+@pytest.mark.parametrize("options, message", BUILD_CASES, ids=[str(o) for o, _ in BUILD_CASES])
+def test_build_cache_refuses_nonsense_before_writing_anything(options, message, odd_paths,
+                                                              images, tmp_path):
+    options = {k: v.format(**odd_paths) if isinstance(v, str) else v for k, v in options.items()}
+    source = options.pop("images", images)
+    out = Path(options.pop("out", tmp_path / "cache"))
+    backbones = options.pop("backbones", fake_pair())
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        uc.build_cache(backbones, source, out, progress=False, **options)
+    assert out == odd_paths["file"] or not out.exists()
+
+
+def test_open_cache_refuses_an_unknown_mode(small_cache):
+    with pytest.raises(ValueError, match="verify='quick' is not one of"):
+        uc.open_cache(small_cache, verify="quick")

@@ -1,11 +1,20 @@
-"""Tests of usae_checkpoint: save / load, resumable training, checksums, refusals."""
+"""Tests of usae_checkpoint: save / load, resumable training, checksums, refusals, and
+training killed, failing to write, or resumed from a damaged checkpoint."""
+import errno
 import os
+import signal
+import sys
+import tempfile
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import usae_checkpoint as ckpt
 import usae_core as core
+import usae_synthetic as synthetic
+from conftest import ROOT, fail_on, flip, kill_when, lines, run_to_end, truncate
 from test_core import DIMS, tiny_batches
 
 
@@ -214,3 +223,204 @@ def test_written_files_get_a_normal_mode(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+# ----------------------------------------------------------------------------------------------
+# Reliability: a killed or failing run loses at most one checkpoint interval, and a damaged,
+# altered or malicious checkpoint is refused. These runs use two models of their own.
+
+
+TWO_MODELS = {"a": 12, "b": 16}
+
+
+def planted_batches(n_tokens: int = 128, batch_tokens: int = 32) -> list[dict]:
+    """Batches of 8 planted concepts (2 active per token) seen by :data:`TWO_MODELS`."""
+    return synthetic.token_batches(synthetic.planted_concepts(TWO_MODELS, 8, 2, n_tokens).acts,
+                                   batch_tokens)
+
+
+TRAIN = """
+import sys, time
+sys.path.insert(0, {root!r})
+import torch
+import usae_checkpoint, usae_core, usae_synthetic
+
+checkpoint, log, delay = sys.argv[1], sys.argv[2], float(sys.argv[3])
+torch.set_num_threads(1)
+data = usae_synthetic.planted_concepts({dims!r}, 16, 2, 2048, seed=0)
+batches = usae_synthetic.token_batches(data.acts, 128, seed=0)
+
+class Stream:  # batch i of the run is batches[i % len]; logs each step as it starts
+    def iter_from(self, step):
+        while True:
+            with open(log, "a") as handle:
+                handle.write(f"{{step}}\\n")
+            time.sleep(delay)
+            yield batches[step % len(batches)]
+            step += 1
+
+usae_checkpoint.train(usae_core.USAE({dims!r}, 32, 2, seed=0), Stream(), {steps}, seed=3,
+                      lr=1e-2, progress=False, checkpoint_path=checkpoint, checkpoint_every={every})
+"""
+STEPS, EVERY = 60, 7
+
+
+def uninterrupted_training() -> dict[str, torch.Tensor]:
+    data = synthetic.planted_concepts(TWO_MODELS, 16, 2, 2048, seed=0)
+    batches = synthetic.token_batches(data.acts, 128, seed=0)
+    model = core.USAE(TWO_MODELS, 32, 2, seed=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocess: the same float summation order
+    try:
+        core.train(model, batches, STEPS, seed=3, lr=1e-2, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return model.state_dict()
+
+
+def test_killed_training_resumes_to_the_uninterrupted_model(tmp_path):
+    """SIGKILLs at random steps lose at most the steps since the last checkpoint, the file at
+    the checkpoint path is always a complete checkpoint, and the resumed run ends with every
+    tensor equal to an uninterrupted run with the same seed."""
+    script = tmp_path / "train.py"
+    script.write_text(TRAIN.format(root=str(ROOT), dims=TWO_MODELS, steps=STEPS, every=EVERY))
+    checkpoint, log = tmp_path / "usae.safetensors", tmp_path / "log"
+    rng = np.random.default_rng(11)
+
+    def command(delay):
+        return [sys.executable, str(script), str(checkpoint), str(log), str(delay)]
+
+    for _ in range(2):
+        log.unlink(missing_ok=True)
+        status = kill_when(command(0.1), lambda: len(lines(log)) > 1,
+                           delay=rng.uniform(0, 1.2))
+        assert status == -signal.SIGKILL
+        started = int(lines(log)[-1])  # steps done when the last logged one began
+        saved = ckpt.read_header(checkpoint)["training"]["step"] if checkpoint.exists() else 0
+        assert started // EVERY * EVERY <= saved <= started + 1 < STEPS
+        if saved:
+            ckpt.load(checkpoint)  # complete and readable, never half-written
+
+    run_to_end(command(0.0))
+    assert ckpt.read_header(checkpoint)["training"]["step"] == STEPS
+    resumed, expected = ckpt.load(checkpoint).state_dict(), uninterrupted_training()
+    assert resumed.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(resumed[key], expected[key]), key
+
+
+def test_a_killed_checkpoint_write_leaves_no_temporary_behind_after_resuming(tmp_path):
+    checkpoint = tmp_path / "usae.safetensors"
+    stale = tmp_path / ".usae.safetensors.k1ll3d.tmp"  # atomic_write's naming
+    stale.write_bytes(b"half a checkpoint")
+    batches = planted_batches(256, 64)
+    ckpt.train(core.USAE(TWO_MODELS, 16, 2, seed=0), batches, 2, progress=False,
+               checkpoint_path=str(checkpoint))
+    assert not stale.exists()
+
+
+@pytest.mark.parametrize("module, name, code", [(os, "replace", errno.EROFS),
+                                                (tempfile, "mkstemp", errno.EACCES),
+                                                (ckpt, "save_file", errno.ENOSPC)])
+def test_a_failed_checkpoint_write_keeps_the_last_one_and_training_resumes(
+        module, name, code, tmp_path, monkeypatch):
+    checkpoint = tmp_path / "usae.safetensors"
+    batches = planted_batches(1024, 64)
+
+    def run():
+        return ckpt.train(core.USAE(TWO_MODELS, 16, 2, seed=0), batches, 12, seed=1, progress=False,
+                          checkpoint_path=str(checkpoint), checkpoint_every=4)
+
+    fail_on(monkeypatch, module, name, code, after=1)  # the second checkpoint, at step 8
+    with pytest.raises(OSError) as error:
+        run()
+    assert error.value.errno == code and str(checkpoint) in str(error.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["usae.safetensors"]
+    assert ckpt.read_header(checkpoint)["training"]["step"] == 4
+    monkeypatch.undo()
+    resumed = run().model.state_dict()
+    checkpoint.unlink()
+    expected = run().model.state_dict()
+    assert all(torch.equal(resumed[key], expected[key]) for key in expected)
+
+
+def tiny_checkpoint(path: Path) -> None:
+    batches = planted_batches(256, 64)
+    ckpt.train(core.USAE(TWO_MODELS, 16, 3, seed=0), batches, 8, progress=False,
+               checkpoint_path=str(path))
+
+
+def test_a_truncated_checkpoint_is_refused_when_training_resumes(tmp_path):
+    path = tmp_path / "usae.safetensors"
+    tiny_checkpoint(path)
+    truncate(path, 64)
+    batches = planted_batches(256, 64)
+    with pytest.raises(ckpt.CheckpointError, match="restore it from a copy"):
+        ckpt.train(core.USAE(TWO_MODELS, 16, 3, seed=0), batches, 12, progress=False,
+                   checkpoint_path=str(path))
+
+
+@pytest.mark.parametrize("where", ["tensor byte", "header value"])
+def test_an_altered_checkpoint_is_refused(where, tmp_path):
+    path = tmp_path / "usae.safetensors"
+    tiny_checkpoint(path)
+    if where == "tensor byte":
+        flip(path, path.stat().st_size - 3)  # inside the last tensor's data
+    else:  # same length, still valid JSON, loads into a model of another k
+        path.write_bytes(path.read_bytes().replace(b'\\"k\\": 3', b'\\"k\\": 4', 1))
+        assert ckpt.read_header(path)["model"]["k"] == 4
+    with pytest.raises(ckpt.CheckpointError):
+        ckpt.load(path)
+
+
+def test_a_pickle_planted_in_a_checkpoint_is_refused(payload, tmp_path):
+    marker, data = payload
+    checkpoint = tmp_path / "usae.safetensors"
+    checkpoint.write_bytes(data)
+    for load in (ckpt.load, ckpt.read_header):
+        with pytest.raises(ckpt.CheckpointError):
+            load(checkpoint)
+    batches = planted_batches(256, 64)
+    with pytest.raises(ckpt.CheckpointError):
+        ckpt.train(core.USAE(TWO_MODELS, 16, 2), batches, 2, progress=False,
+                   checkpoint_path=str(checkpoint))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"dims": {"a": True}}, "width of model 'a'"),
+    ({"dims": [("a", 4)]}, "non-empty mapping"),
+    ({"n_concepts": 16.0}, "n_concepts must be a positive integer"),
+    ({"k": -2}, "k must be a positive integer"),
+    ({"seed": "0"}, "seed"),
+    ({"seed": 1.5}, "seed")])
+def test_usae_refuses_nonsense(options, message):
+    arguments = {"dims": TWO_MODELS, "n_concepts": 16, "k": 2, **options}
+    with pytest.raises(ValueError, match=message):
+        core.USAE(arguments.pop("dims"), arguments.pop("n_concepts"), arguments.pop("k"),
+                  **arguments)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"steps": -1}, "steps must be a positive integer"),
+    ({"steps": 2.5}, "steps must be a positive integer"),
+    ({"seed": 1.5}, "seed must be an integer"),
+    ({"checkpoint_every": -1}, "checkpoint_every must be an integer >= 0"),
+    ({"checkpoint_every": 2.5}, "checkpoint_every must be an integer >= 0"),
+    ({"grad_clip": -1.0}, "grad_clip must be a finite number >= 0"),
+    ({"lr": float("inf")}, "lr must be a finite number"),
+    ({"final_lr": -1e-6}, "final_lr must be a finite number >= 0"),
+    ({"aux_weight": float("nan")}, "aux_weight must be a finite number"),
+    ({"precision": "fp16"}, "precision='fp16' is not one of"),
+    ({"log_every": True}, "log_every must be a positive integer"),
+    ({"device": "tpu"}, "device"),
+    ({"warmup_steps": True}, "warmup_steps"),
+    ({"resume": "yes"}, "resume"),
+    ({"checkpoint_path": 123}, "checkpoint_path")])
+def test_train_refuses_nonsense_before_any_step(options, message, tmp_path):
+    options = {"steps": 2, "seed": 0, "progress": False, **options}
+    model = core.USAE(TWO_MODELS, 16, 2, seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        ckpt.train(model, planted_batches(), options.pop("steps"), options.pop("seed"), **options)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
