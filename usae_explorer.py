@@ -16,14 +16,18 @@ Three layers, each usable without the next:
 
 Image indices here are *cached* image indices: image ``i`` owns code rows
 ``i * T .. (i + 1) * T - 1`` (``T`` tokens per image), i.e. ``row // T``, as in
-:class:`usae_cache.Cache`. :class:`CacheImages` maps them back to files.
+:class:`usae_cache.Cache`. :class:`CacheImages` maps them back to files. From the project this
+module imports ``usae_analysis`` (codes, statistics, rankings) and ``usae_cache`` (images).
 """
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
-from typing import Mapping, NamedTuple, Protocol, Sequence
+import sys
+from types import SimpleNamespace
+from typing import Mapping, NamedTuple, Sequence
 
 import matplotlib
 import matplotlib.patches
@@ -36,7 +40,7 @@ from PIL import Image
 import usae_analysis as analysis
 import usae_cache
 
-SORT_KEYS = {  # label -> (statistic, largest first)
+SORT_KEYS = {  # label -> (statistic, largest first); co-fire proportion: mean over models
     "energy": ("energy", True),
     "firing entropy": ("firing_entropy", True),
     "co-fire proportion": ("cofire_proportion", True),
@@ -136,39 +140,7 @@ def overlay(image: Image.Image, heatmap: np.ndarray, size: int = 224, *, alpha: 
 
 
 # ----------------------------------------------------------------------------------------------
-# Scores: a concept over images, an image over concepts
-
-
-def concept_image_means(codes: analysis.SparseCodes, concept: int, tokens_per_image: int, *,
-                        chunk_tokens: int = 1 << 20) -> np.ndarray:
-    """Mean code of one concept over each image's tokens (float64, ``n_images``).
-
-    Equals ``image_concept_means(codes, T)[:, concept]`` (the released ranking: mean of the
-    heatmap) without building an images x concepts matrix: one pass over the sparse codes,
-    chunked, so it takes milliseconds per concept for thousands of images.
-    """
-    n_images = len(codes) // tokens_per_image
-    if n_images * tokens_per_image != len(codes):
-        raise ValueError(f"{len(codes)} code rows is not a whole number of "
-                         f"{tokens_per_image}-token images.")
-    sums = np.zeros(n_images, dtype=np.float64)
-    for start in range(0, len(codes), chunk_tokens):
-        chunk = codes.rows(start, start + chunk_tokens)
-        token, slot = torch.nonzero(chunk.indices == concept, as_tuple=True)
-        values = chunk.values[token, slot].double().numpy()
-        sums += np.bincount((token.numpy() + start) // tokens_per_image, weights=values,
-                            minlength=n_images)
-    return sums / tokens_per_image
-
-
-def rank_images(scores: np.ndarray, count: int) -> np.ndarray:
-    """Indices of the ``count`` highest positive scores, highest first (ties: lower index).
-
-    Images where the concept never appears are left out rather than padded in, so a rare
-    concept shows fewer panels instead of arbitrary images.
-    """
-    order = np.argsort(-np.asarray(scores), kind="stable")[:count]
-    return order[np.asarray(scores)[order] > 0]
+# An image's concepts, per model
 
 
 class ImageConcepts(NamedTuple):
@@ -199,16 +171,16 @@ def image_concepts(codes: Mapping[str, analysis.SparseCodes], image: int, tokens
     made that model's top list: a concept ranked 9th in one model and 11th in another is
     still the same concept seen by both.
     """
-    rows = slice(image * tokens_per_image, (image + 1) * tokens_per_image)
-    per_model, firing = {}, {}
-    for name, model_codes in codes.items():
-        part = model_codes.rows(rows.start, rows.stop)
-        means = analysis.image_concept_means(part, tokens_per_image)[0].double().numpy()
-        order = np.argsort(-means, kind="stable")[:top]
-        per_model[name] = [(int(c), float(means[c])) for c in order if means[c] > 0]
-        firing[name] = set(part.indices[part.values.float() > threshold].long().tolist())
+    parts = {n: c.rows(image * tokens_per_image, (image + 1) * tokens_per_image)
+             for n, c in codes.items()}
+    fires = analysis.concept_statistics(parts, threshold=threshold).fires > 0
+    per_model = {}
+    for name, part in parts.items():
+        means = analysis.image_concept_means(part, tokens_per_image)[0]
+        per_model[name] = [(int(c), float(means[c])) for c in analysis.top_concepts(means, top)
+                           if means[c] > 0]
     listed = sorted({c for pairs in per_model.values() for c, _ in pairs})
-    shared = {c: [n for n in codes if c in firing[n]] for c in listed}
+    shared = {c: [n for i, n in enumerate(parts) if fires[i, c]] for c in listed}
     return ImageConcepts(image, per_model, {c: m for c, m in shared.items() if len(m) >= 2},
                          len(codes))
 
@@ -301,25 +273,13 @@ def plot_image_concepts(image: Image.Image, found: ImageConcepts, *, size: int =
     handles = [matplotlib.patches.Patch(color=c, label=l) for c, l in
                ((SHARED_ALL, "fires in all models"), (SHARED_SOME, "fires in some models"),
                 (UNSHARED, "this model only"))]
-    figure.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=8,
-                  frameon=False)
+    figure.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=8, frameon=False)
     return figure
 
 
 # ----------------------------------------------------------------------------------------------
-# Image sources
-
-
-class ImageSource(Protocol):
-    """What the explorer needs of images: their count and a PIL image per cached index.
-
-    A plain list of PIL images qualifies. An optional ``label(index) -> str`` is used in
-    captions when present.
-    """
-
-    def __len__(self) -> int: ...
-
-    def __getitem__(self, index: int) -> Image.Image: ...
+# Image sources: anything with a length and a PIL image per cached index (a list of images
+# qualifies); an optional ``label(index) -> str`` is used in captions.
 
 
 class CacheImages:
@@ -327,37 +287,33 @@ class CacheImages:
 
     Files are decoded with :func:`usae_cache.open_image`; one that cannot be read (or a
     synthetic cache's, which has no files) gives a grey placeholder, so browsing never stops
-    on a bad file. The last ``keep`` decoded images are kept in memory.
+    on a bad file. The ``keep`` most recently used images are kept in memory.
     """
 
     def __init__(self, cache: usae_cache.Cache, *, keep: int = 64):
         self.images = cache.images
         self.kept = np.asarray(cache.kept_images)
-        self.keep = keep
-        self._recent: dict[int, Image.Image] = {}
         self.failures: dict[int, str] = {}
+        self._decoded = functools.lru_cache(maxsize=keep)(self._decode)
 
     def __len__(self) -> int:
         return len(self.kept)
 
     def __getitem__(self, index: int) -> Image.Image:
-        if index in self._recent:
-            return self._recent[index]
+        return self._decoded(int(index))
+
+    def _decode(self, index: int) -> Image.Image:
         opened = usae_cache.open_image(self.images.absolute(int(self.kept[index])))
-        picture = opened.image
-        if picture is None:
+        if opened.image is None:
             self.failures[index] = opened.reason
-            picture = Image.new("RGB", (224, 224), (128, 128, 128))
-        if len(self._recent) >= self.keep:
-            self._recent.pop(next(iter(self._recent)))  # oldest first (dicts keep order)
-        self._recent[index] = picture
-        return picture
+            return Image.new("RGB", (224, 224), (128, 128, 128))
+        return opened.image
 
     def label(self, index: int) -> str:
         return self.images.labels[int(self.kept[index])]
 
 
-def _label(images: ImageSource, index: int) -> str:
+def _label(images: Sequence[Image.Image], index: int) -> str:
     name = images.label(index) if hasattr(images, "label") else ""
     return f"#{index} {name}".strip()
 
@@ -374,8 +330,9 @@ class ConceptExplorer:
     codes : mapping
         Model name -> :class:`usae_analysis.SparseCodes`, each model's self-encoded codes,
         row-aligned across models and with the image source.
-    images : ImageSource
-        One image per cached image index.
+    images : sequence of PIL images
+        One image per cached image index, e.g. a list or :class:`CacheImages`; an optional
+        ``label(index) -> str`` method gives captions.
     stats : usae_analysis.ConceptStats
         From :func:`usae_analysis.concept_statistics` on the same codes.
     energies : Tensor or ndarray, optional
@@ -392,15 +349,13 @@ class ConceptExplorer:
         List concepts that never fire in any model too (they have nothing to show).
     """
 
-    def __init__(self, codes: Mapping[str, analysis.SparseCodes], images: ImageSource,
+    def __init__(self, codes: Mapping[str, analysis.SparseCodes], images: Sequence[Image.Image],
                  stats: analysis.ConceptStats, *, energies=None, grid: int = 14,
                  positions: np.ndarray | None = None, top_n: int = 5,
                  shared_ranking: bool = False, include_dead: bool = False):
         if list(codes) != list(stats.names):
             raise ValueError(f"codes are for models {list(codes)}, stats for {stats.names}.")
-        self.names = list(stats.names)
-        self.codes = dict(codes)
-        self.images = images
+        self.names, self.codes, self.images = list(stats.names), dict(codes), images
         self.grid, self.positions = grid, positions
         self.tokens_per_image = _tokens_per_image(grid, positions)
         self.n_images = len(next(iter(codes.values()))) // self.tokens_per_image
@@ -412,11 +367,9 @@ class ConceptExplorer:
             raise ValueError(f"the image source has {len(images)} images, the codes "
                              f"{self.n_images}.")
         self.top_n, self.shared_ranking = top_n, shared_ranking
-        if energies is None:
-            energies = analysis.energy(stats.code_sums, stats.n_tokens)
-        self.fires = stats.fires.numpy()
-        self.cofires = stats.cofires.numpy()
-        self.energy = np.asarray(energies, dtype=np.float64)
+        self.fires, self.cofires = stats.fires.numpy(), stats.cofires.numpy()
+        self.energy = np.asarray(analysis.energy(stats.code_sums, stats.n_tokens)
+                                 if energies is None else energies, dtype=np.float64)
         self.aggregate_energy = self.energy.sum(axis=0)
         self.firing_entropy = analysis.firing_entropy(stats.fires).numpy()
         self.cofire_proportion = analysis.cofire_proportion(stats.fires, stats.cofires).numpy()
@@ -432,64 +385,57 @@ class ConceptExplorer:
         """The explorer of codes encoded from ``cache`` (e.g. ``encode_dataset(model,
         iter_rows(cache)).codes``); with ``model``, energies use its dictionary norms."""
         stats = stats if stats is not None else analysis.concept_statistics(codes)
-        norms = analysis.dictionary_norms(model) if model is not None else None
-        energies = analysis.energy(stats.code_sums, stats.n_tokens, norms)
+        energies = None if model is None else analysis.energy(
+            stats.code_sums, stats.n_tokens, analysis.dictionary_norms(model))
         return cls(codes, CacheImages(cache), stats, energies=energies, grid=cache.grid,
                    positions=cache.positions, **options)
 
     # -- pure logic --------------------------------------------------------------------------
-
-    def sort_values(self, key: str = "energy") -> np.ndarray:
-        """The per-concept statistic behind a sort key (co-fire proportion: mean over models)."""
-        statistic = SORT_KEYS[key][0]
-        return {"energy": self.aggregate_energy, "firing_entropy": self.firing_entropy,
-                "cofire_proportion": self.cofire_proportion.mean(axis=0)}[statistic]
-
     def concept_order(self, key: str = "energy") -> np.ndarray:
         """Listed concepts ordered by ``key`` (see ``SORT_KEYS``); ties by aggregate energy,
         largest first, then by id, so equal entropies still put important concepts first."""
         if key not in self._orders:
-            values = self.sort_values(key)
-            primary = -values if SORT_KEYS[key][1] else values
+            statistic, largest_first = SORT_KEYS[key]
+            values = {"energy": self.aggregate_energy, "firing_entropy": self.firing_entropy,
+                      "cofire_proportion": self.cofire_proportion.mean(axis=0)}[statistic]
+            primary = -values if largest_first else values
             ids = np.flatnonzero(self.live)
             self._orders[key] = ids[np.lexsort((ids, -self.aggregate_energy[ids], primary[ids]))]
         return self._orders[key].copy()
 
-    def image_scores(self, concept: int) -> dict[str, np.ndarray]:
-        """Model -> mean code of ``concept`` on every image."""
-        return {n: concept_image_means(c, concept, self.tokens_per_image)
-                for n, c in self.codes.items()}
-
     def top_images(self, concept: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """Model -> (image indices, their scores), best first; computed once per concept.
+        """Model -> (image indices, their mean code), best first; computed once per concept.
 
-        Up to ``top_n`` images with a positive score; with ``shared_ranking`` the images are
-        the same for every model (ranked by the mean over models) and scores are per model.
+        Up to ``top_n`` images, ranked by :func:`usae_analysis.top_images`; images where the
+        concept never appears are left out rather than padded in, so a rare concept shows
+        fewer panels instead of arbitrary images. With ``shared_ranking`` the images are the
+        same for every model (ranked by the mean over models) and scores are per model.
         """
         if concept not in self._top:
-            scores = self.image_scores(concept)
-            if self.shared_ranking:
-                chosen = rank_images(np.mean(list(scores.values()), axis=0), self.top_n)
-                self._top[concept] = {n: (chosen, s[chosen]) for n, s in scores.items()}
-            else:
-                chosen = {n: rank_images(s, self.top_n) for n, s in scores.items()}
-                self._top[concept] = {n: (chosen[n], s[chosen[n]]) for n, s in scores.items()}
+            groups = [self.names] if self.shared_ranking else [[n] for n in self.names]
+            self._top[concept] = {}
+            for group in groups:
+                chosen = analysis.top_images([self.codes[n] for n in group],
+                                             self.tokens_per_image, [concept], self.top_n)
+                chosen = chosen[0].numpy()
+                # A heatmap's mean is the ranking score; exact in float64 (fp16 summands).
+                scores = {n: self.heatmaps(concept, n, chosen).sum(axis=(1, 2), dtype=np.float64)
+                          / self.tokens_per_image for n in group}
+                shown = np.mean(list(scores.values()), axis=0) > 0
+                self._top[concept].update({n: (chosen[shown], scores[n][shown]) for n in group})
         return self._top[concept]
 
     def concept_info(self, concept: int) -> dict:
         """The concept's statistics: concept-level values and one row per model."""
-        return {
-            "concept": int(concept),
-            "energy": float(self.aggregate_energy[concept]),
-            "firing_entropy": float(self.firing_entropy[concept]),
-            "cofires": int(self.cofires[concept]),
-            "energy_rank": int(np.flatnonzero(self.concept_order("energy") == concept)[0])
-            if self.live[concept] else None,
-            "models": [{"model": name, "fires": int(self.fires[i, concept]),
-                        "energy": float(self.energy[i, concept]),
-                        "cofire_proportion": float(self.cofire_proportion[i, concept])}
-                       for i, name in enumerate(self.names)],
-        }
+        rank = np.flatnonzero(self.concept_order("energy") == concept)
+        return {"concept": int(concept), "energy": float(self.aggregate_energy[concept]),
+                "firing_entropy": float(self.firing_entropy[concept]),
+                "cofires": int(self.cofires[concept]),
+                "energy_rank": int(rank[0]) if len(rank) else None,
+                "models": [{"model": name, "fires": int(self.fires[i, concept]),
+                            "energy": float(self.energy[i, concept]),
+                            "cofire_proportion": float(self.cofire_proportion[i, concept])}
+                           for i, name in enumerate(self.names)]}
 
     def image_concepts(self, image: int, top: int = 8) -> ImageConcepts:
         """Top concepts of one image per model, shared ones marked (:func:`image_concepts`)."""
@@ -500,7 +446,6 @@ class ConceptExplorer:
                                 positions=self.positions)
 
     # -- figures and tables ------------------------------------------------------------------
-
     def concept_title(self, concept: int) -> str:
         info = self.concept_info(concept)
         rank = "" if info["energy_rank"] is None else f"  (energy rank {info['energy_rank']})"
@@ -514,15 +459,14 @@ class ConceptExplorer:
         for concept in concepts:
             overlays[concept] = {}
             titles[concept] = self.concept_title(concept)
-            for i, name in enumerate(self.names):
+            for row in self.concept_info(concept)["models"]:
+                name = row["model"]
                 chosen, scores = self.top_images(concept)[name]
                 maps = self.heatmaps(concept, name, chosen)
                 overlays[concept][name] = [overlay(self.images[int(j)], m, size)
                                            for j, m in zip(chosen, maps)]
-                subtitles[concept, name] = (
-                    f"{name}: fires {self.fires[i, concept]:,}, energy "
-                    f"{self.energy[i, concept]:.3g}, co-fire prop. "
-                    f"{self.cofire_proportion[i, concept]:.2f}")
+                subtitles[concept, name] = ("{model}: fires {fires:,}, energy {energy:.3g}, "
+                                            "co-fire prop. {cofire_proportion:.2f}".format(**row))
                 captions[concept, name] = [f"{_label(self.images, int(j))}\nmean {s:.3f}"
                                            for j, s in zip(chosen, scores)]
         return plot_concept_grid(overlays, titles=titles, subtitles=subtitles, captions=captions)
@@ -533,11 +477,10 @@ class ConceptExplorer:
 
     def stats_html(self, concept: int) -> str:
         """The statistics of :meth:`concept_info` as a small HTML table."""
-        info = self.concept_info(concept)
         cells = "".join(
             f"<tr><td>{html.escape(r['model'])}</td><td>{r['fires']:,}</td>"
             f"<td>{r['energy']:.4g}</td><td>{r['cofire_proportion']:.3f}</td></tr>"
-            for r in info["models"])
+            for r in self.concept_info(concept)["models"])
         return (f"<p><b>{html.escape(self.concept_title(concept))}</b></p>"
                 "<table><tr><th>model</th><th>fires</th><th>energy</th>"
                 f"<th>co-fire proportion</th></tr>{cells}</table>")
@@ -554,19 +497,14 @@ class ConceptExplorer:
             if not len(order):
                 raise ValueError("no concept fires in any model: nothing to show.")
             concept = int(order[0])
-        if show_table:
-            try:
-                from IPython import get_ipython
-                from IPython.display import HTML, display
-            except ImportError:
-                pass
-            else:
-                if get_ipython() is not None:
-                    display(HTML(self.stats_html(concept)))
+        ipython = sys.modules.get("IPython")  # imported wherever a kernel runs
+        if show_table and ipython is not None and ipython.get_ipython() is not None:
+            from IPython.display import HTML, display
+
+            display(HTML(self.stats_html(concept)))
         return self.concept_figure(concept)
 
     # -- widgets -----------------------------------------------------------------------------
-
     def widget(self):
         """The interactive explorer (an ``ipywidgets.Tab``); its controls are ``.controls``.
 
@@ -577,7 +515,7 @@ class ConceptExplorer:
         import ipywidgets as w
 
         order = self.concept_order("energy")
-        c = Controls(
+        c = SimpleNamespace(
             sort=w.Dropdown(options=list(SORT_KEYS), value="energy", description="sort by"),
             rank=w.IntSlider(min=0, max=max(len(order) - 1, 0), description="rank",
                              continuous_update=False),
@@ -595,12 +533,9 @@ class ConceptExplorer:
         c.image.observe(lambda _: self.render_image(), names="value")
         self.render_concept()
         self.render_image()
-        tabs = w.Tab(children=[
+        return w.Tab(children=[
             w.VBox([w.HBox([c.sort, c.concept]), w.HBox([c.rank, c.count]), c.concept_view]),
-            w.VBox([c.image, c.image_view])])
-        for index, title in enumerate(("concept", "image")):
-            tabs.set_title(index, title)
-        return tabs
+            w.VBox([c.image, c.image_view])], titles=("concept", "image"))
 
     def _options(self, order: np.ndarray) -> list[tuple[str, int]]:
         return [(f"{rank}: concept {c}", int(c)) for rank, c in enumerate(order)]
@@ -646,16 +581,6 @@ class ConceptExplorer:
         _show(self.controls.image_view, self.image_figure(self.controls.image.value))
 
 
-class Controls(NamedTuple):
-    sort: object
-    rank: object
-    concept: object
-    count: object
-    image: object
-    concept_view: object
-    image_view: object
-
-
 def figure_png(figure: Figure, dpi: int = 100) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=dpi)
@@ -668,11 +593,8 @@ def _show(output, figure: Figure, html_text: str | None = None) -> None:
     Setting ``outputs`` directly, rather than ``with output: display(...)``, works the same
     with or without a kernel, so the widget layer is testable without a browser.
     """
-    items = []
-    if html_text:
-        items.append({"output_type": "display_data", "metadata": {},
-                      "data": {"text/html": html_text, "text/plain": "statistics"}})
     png = base64.b64encode(figure_png(figure)).decode("ascii")
-    items.append({"output_type": "display_data", "metadata": {},
-                  "data": {"image/png": png, "text/plain": "<Figure>"}})
-    output.outputs = tuple(items)
+    shown = ([{"text/html": html_text, "text/plain": "statistics"}] if html_text else []) + [
+        {"image/png": png, "text/plain": "<Figure>"}]
+    output.outputs = tuple({"output_type": "display_data", "metadata": {}, "data": data}
+                           for data in shown)

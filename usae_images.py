@@ -108,8 +108,8 @@ def shared_data_root() -> Path:
 
 
 def default_cache_dir() -> Path:
-    """Where derived files go by default: env ``USAE_CACHE_DIR``, else ``~/.cache/usae`` (as
-    ``usae_backbones`` for its weights)."""
+    """Where derived files go by default: env ``USAE_CACHE_DIR``, else ``~/.cache/usae`` (also
+    the converted weights of ``usae_weights``)."""
     if os.environ.get("USAE_CACHE_DIR"):
         return Path(os.environ["USAE_CACHE_DIR"]).expanduser()
     return Path.home() / ".cache" / "usae"

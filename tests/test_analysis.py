@@ -234,6 +234,31 @@ def test_top_images_equal_a_dense_ranking():
             means[expected, concept].tolist())
 
 
+def test_image_concept_means_of_chosen_concepts_are_those_columns():
+    codes = random_sparse(40 * 6, 12, 3, seed=4)
+    full = analysis.image_concept_means(codes, 6)
+    for chosen in ([11, 0, 5, 0], list(range(12))[::-1]):  # one pass per concept; one for all
+        torch.testing.assert_close(analysis.image_concept_means(codes, 6, chosen), full[:, chosen],
+                                   rtol=0, atol=0)
+    assert analysis.image_concept_means(codes, 6, []).shape == (40, 0)
+    with pytest.raises(IndexError):
+        analysis.image_concept_means(codes, 6, [12])
+
+
+def test_top_images_of_several_models_rank_by_the_mean_over_models():
+    a, b = random_sparse(40 * 6, 12, 3, seed=5), random_sparse(40 * 6, 12, 3, seed=6)
+    means = (a.dense() + b.dense()).view(40, 6, 12).mean(dim=1) / 2
+    top = analysis.top_images([a, b], 6, concepts=[0, 5, 11], count=4, chunk_images=7)
+    for row, concept in enumerate([0, 5, 11]):
+        expected = torch.argsort(means[:, concept], descending=True, stable=True)[:4]
+        assert means[top[row], concept].tolist() == pytest.approx(
+            means[expected, concept].tolist())
+    torch.testing.assert_close(analysis.top_images([a], 6, [3, 7], 5, chunk_images=9),
+                               analysis.top_images(a, 6, [3, 7], 5))
+    with pytest.raises(ValueError, match="row-aligned"):
+        analysis.top_images([a, a.rows(0, 6 * 39)], 6, [0], 2)
+
+
 def test_sparse_storage_is_under_one_percent_of_dense_at_paper_sizes():
     ratio = analysis.sparse_storage_ratio(n_concepts=6144, k=32)
     assert ratio == pytest.approx(32 * 4 / (6144 * 4)) and ratio < 0.01
@@ -243,29 +268,26 @@ def test_sparse_storage_is_under_one_percent_of_dense_at_paper_sizes():
     assert memory["total"] < 16 * 2 ** 30
 
 
-def test_metrics_json_has_the_stable_keys(tmp_path, planted_run):
+def test_write_metrics_gives_strict_json_of_the_analysis_sections(tmp_path, planted_run):
+    """The sections the notebooks merge into metrics.json, written as JSON any reader parses:
+    NaN and infinity become null, numpy scalars plain numbers, tuples lists."""
     import json
 
     model, _, held_out = planted_run
     encoded = analysis.encode_dataset(model, [held_out])
-    ood = analysis.encode_dataset(model, [{n: 2 * a for n, a in held_out.items()}])
-    dictionaries = {n: model.dictionary(n) for n in model.names}
-    by_model = {n: analysis.consistency(d, d + 0.1 * torch.randn_like(d))
-                for n, d in dictionaries.items()}
-    metrics = analysis.build_metrics(model, encoded, seed=0, ood={"scaled": ood.reconstruction},
-                                     consistency_by_model=by_model)
+    stats = analysis.concept_statistics(encoded.codes)
+    metrics = {**analysis.reconstruction_metrics(encoded.reconstruction),
+               **analysis.universality(stats, analysis.dictionary_norms(model)),
+               "nan": float("nan"), "numpy": np.float32(0.5), "pair": (1, float("inf"))}
     path = tmp_path / "metrics.json"
     analysis.write_metrics(path, metrics)
-    loaded = json.loads(path.read_text())
-    required = {"models", "r2_paper", "r2_per_dim", "mse", "ood", "firing_entropy",
-                "cofire_proportion_top1000", "energy_vs_cofire", "dead_fraction", "consistency",
-                "n_concepts", "k", "n_tokens", "seed"}
-    assert required <= set(loaded)
-    assert loaded["models"] == ["a", "b", "c"]
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    loaded = json.loads(path.read_text(), parse_constant=refuse)
+    assert loaded["nan"] is None and loaded["numpy"] == 0.5 and loaded["pair"] == [1, None]
     assert np.array(loaded["r2_paper"]).shape == (3, 3)
-    assert set(loaded["ood"]["scaled"]) == {"r2_paper", "r2_per_dim", "mse"}
     assert len(loaded["firing_entropy"]) == 64
     assert set(loaded["energy_vs_cofire"]) >= {"r", "slope", "r_ge1000", "slope_ge1000"}
     assert set(loaded["dead_fraction"]) == {"a", "b", "c", "all"}
-    assert set(loaded["consistency"]["a"]) >= {"share_gt_0_5", "auc", "random_baseline_auc"}
-    assert loaded["n_tokens"] == 4096 and loaded["k"] == 3

@@ -124,14 +124,6 @@ def test_overlay_shape_range_and_zero_heat_leaves_the_image_unchanged():
 # ---- pure explorer logic ---------------------------------------------------------------------
 
 
-def test_concept_image_means_equal_the_dense_mean(codes, dense):
-    for name in NAMES:
-        means = analysis.image_concept_means(codes[name], T)
-        for concept in range(N_CONCEPTS):
-            got = ex.concept_image_means(codes[name], concept, T, chunk_tokens=500)
-            np.testing.assert_allclose(got, means[:, concept].double().numpy(), rtol=1e-6)
-
-
 def test_concept_order_by_each_key_equals_a_direct_sort(explorer, dense):
     energy = sum(z.mean(0).double().numpy() for z in dense.values())
     fires = np.stack([(z > 0.1).sum(0).numpy() for z in dense.values()])
