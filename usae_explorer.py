@@ -14,10 +14,9 @@ Three layers, each usable without the next:
    :meth:`ConceptExplorer.widget` only wires ipywidgets to it, and
    :meth:`ConceptExplorer.static_view` gives a figure for executed notebooks without a kernel.
 
-Image indices here are *cached* image indices: image ``i`` owns code rows
-``i * T .. (i + 1) * T - 1`` (``T`` tokens per image), i.e. ``row // T``, as in
-:class:`usae_cache.Cache`. :class:`CacheImages` maps them back to files. From the project this
-module imports ``usae_analysis`` (codes, statistics, rankings) and ``usae_cache`` (images).
+Image indices are *cached* image indices: image ``i`` owns code rows ``i * T .. (i + 1) * T - 1``
+(``row // T``); :class:`CacheImages` maps them to files. Imports ``usae_analysis``,
+``usae_cache`` (the cache's image list) and ``usae_images`` (decoding).
 """
 from __future__ import annotations
 
@@ -39,6 +38,7 @@ from PIL import Image
 
 import usae_analysis as analysis
 import usae_cache
+import usae_images
 
 SORT_KEYS = {  # label -> (statistic, largest first); co-fire proportion: mean over models
     "energy": ("energy", True),
@@ -285,7 +285,7 @@ def plot_image_concepts(image: Image.Image, found: ImageConcepts, *, size: int =
 class CacheImages:
     """The images of a :class:`usae_cache.Cache`, by cached image index (``row // T``).
 
-    Files are decoded with :func:`usae_cache.open_image`; one that cannot be read (or a
+    Files are decoded with :func:`usae_images.open_image`; one that cannot be read (or a
     synthetic cache's, which has no files) gives a grey placeholder, so browsing never stops
     on a bad file. The ``keep`` most recently used images are kept in memory.
     """
@@ -303,7 +303,7 @@ class CacheImages:
         return self._decoded(int(index))
 
     def _decode(self, index: int) -> Image.Image:
-        opened = usae_cache.open_image(self.images.absolute(int(self.kept[index])))
+        opened = usae_images.open_image(self.images.absolute(int(self.kept[index])))
         if opened.image is None:
             self.failures[index] = opened.reason
             return Image.new("RGB", (224, 224), (128, 128, 128))

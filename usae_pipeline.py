@@ -157,12 +157,11 @@ class Experiment:
         """Reject nonsense before any long work starts."""
         for key in ("n_concepts", "k", "batch_tokens"):
             core.require_positive_int(getattr(self, key), key)
-        for key in ("train_images", "val_images", "ood_images", "tokens_per_image", "seed"):
+        core.require_seed(self.seed)
+        for key in ("train_images", "val_images", "ood_images", "tokens_per_image"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{key} must be an integer >= 0, got {value!r}.")
-        if self.seed >= 2**63:  # torch seeds are 64-bit
-            raise ValueError(f"seed must be below 2**63, got {self.seed}.")
         for key in ("epochs", "independent_epochs", "lr"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or \

@@ -1,13 +1,11 @@
 """Tests of usae_core: model, losses, schedule, training rule, bad input."""
 import math
-import os
 
 import numpy as np
 import pytest
 import torch
 
 import usae_core as core
-import usae_checkpoint as ckpt
 import usae_synthetic as synthetic
 
 DIMS = {"a": 6, "b": 8, "c": 5}

@@ -70,7 +70,7 @@ EXPERIMENT_CASES = [
     ({"seed": "1"}, "seed must be an integer"),
     ({"seed": 1.5}, "seed must be an integer"),
     ({"seed": -1}, "seed must be an integer"),
-    ({"seed": 2**64}, "seed must be below 2\\*\\*63"),
+    ({"seed": 2**64}, "seed must be an integer in \\[0, 2\\*\\*63\\)"),
     ({"preset": "imagenet"}, "unknown preset 'imagenet'"),
     ({"backbones": ["dinov2_imgfocus", "resnet_from_nowhere"]}, "unknown backbone"),
     ({"backbones": "dinov2_imgfocus"}, "backbones must be a list"),
