@@ -83,6 +83,18 @@ def require_seed(seed: Any) -> None:
         raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}.")
 
 
+def require_device(device: Any) -> None:
+    """Refuse an unknown device, or a GPU that is not there, before any work starts."""
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise ValueError(f"device {device!r} is not a torch device; use 'cpu' or "
+                         "'cuda[:N]'.") from error
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for but no CUDA GPU is visible; use "
+                         "'cpu'.")
+
+
 class USAE(nn.Module):
     """A universal sparse autoencoder over several models.
 
@@ -374,13 +386,7 @@ class TrainConfig:
                 raise ValueError(f"{key} must be True or False, got {getattr(self, key)!r}.")
         require_positive_int(self.log_every, "log_every")
         if self.device is not None:
-            try:
-                kind = torch.device(self.device).type
-            except (RuntimeError, TypeError) as error:
-                raise ValueError(f"device {self.device!r} is not a torch device; use 'cpu' or "
-                                 "'cuda[:N]'.") from error
-            if kind == "cuda" and not torch.cuda.is_available():
-                raise ValueError(f"device {self.device!r}: no CUDA GPU is visible; use 'cpu'.")
+            require_device(self.device)
 
 
 def scheduled_lr(step: int, total_steps: int, warmup_steps: int, base_lr: float,
