@@ -23,6 +23,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
+import usae_checks as checks
 import usae_core as core
 
 
@@ -41,7 +42,7 @@ class MacoConfig:
 
     def validate(self) -> None:
         for key in ("image_size", "input_size", "steps", "crops"):
-            core.require_positive_int(getattr(self, key), key)
+            checks.require_positive_int(getattr(self, key), key)
         low, high = self.crop_scale
         if not 0 < low <= high <= 1:
             raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}.")

@@ -1,29 +1,33 @@
-"""Checkpoints of a USAE and resumable training.
+"""Checkpoints of a USAE, and training that checks its input and resumes.
 
 A checkpoint is **one safetensors file**: the JSON configuration (names, widths, n, k,
 standardisation and, for training runs, the options, step, seed, history and optimizer
 hyper-parameters) in its header, the weights and, for training runs, the optimizer and generator
 state in its tensors, and a sha256 of both. Nothing is ever loaded with pickle; writes are
-atomic (``usae_io``). :func:`train` is ``usae_core.train`` plus checkpoints: killed at any
+atomic (``usae_io``). :func:`train`, the entry point of training, is ``usae_core.train`` with
+its arguments and batches checked, a ``usae_monitor`` history and checkpoints: killed at any
 moment and run again, it ends with the same tensors as an uninterrupted run.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+import usae_checks as checks
 import usae_core as core
 import usae_io
+import usae_monitor
 
 FORMAT = "usae-checkpoint/1"
 # How an optimizer computes its update (not what it computes): taken from the running process.
@@ -136,6 +140,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> core.US
     path = Path(path)
     header, tensors = _read(path)
     config = header["model"]
+    checks.check_usae(config["dims"], config["n_concepts"], config["k"])
     model = core.USAE(config["dims"], config["n_concepts"], config["k"])
     _load_model_state(model, header, tensors, path)
     return model.to(device).eval()
@@ -195,10 +200,24 @@ def _resume(trainer: core.Trainer, path: Path) -> None:
                               f"{trainer.total_steps}.")
 
 
+def _checked_stream(model: core.USAE, batches: Iterable, start: int) -> Iterator:
+    """The batches from global step ``start``, each checked before the loop sees it."""
+    if hasattr(batches, "iter_from"):  # a loader that can seek without reading skipped data
+        stream = batches.iter_from(start)
+    else:
+        stream = itertools.islice(core._epochs(batches), start, None)
+    for step, batch in enumerate(stream, start):
+        checks.check_batch(model, batch, step)
+        yield batch
+
+
 def train(model: core.USAE, batches: Iterable[Mapping[str, Tensor]], steps: int, seed: int = 0,
           *, checkpoint_path: str | os.PathLike | None = None, checkpoint_every: int = 0,
           resume: bool = True, **options: Any) -> core.TrainResult:
-    """:func:`usae_core.train` with checkpoints: same arguments, plus
+    """:func:`usae_core.train`, checked, monitored and resumable: the entry point of training.
+
+    Arguments and every batch are checked before they are used; a
+    :class:`usae_monitor.TrainingMonitor` writes the history rows. Beyond the core's arguments:
 
     Parameters
     ----------
@@ -210,32 +229,35 @@ def train(model: core.USAE, batches: Iterable[Mapping[str, Tensor]], steps: int,
     resume : bool
         Continue from ``checkpoint_path`` when it exists (False: start afresh, overwrite it).
     """
-    trainer = core.make_trainer(model, steps, seed, **options)
+    trainer = core.Trainer(model, checks.train_config(steps, seed, **options), steps, seed)
     if checkpoint_path is not None and not isinstance(checkpoint_path, (str, os.PathLike)):
         raise ValueError(f"checkpoint_path must be a file path or None, got {checkpoint_path!r}.")
-    if not core.is_int(checkpoint_every):
+    if not checks.is_int(checkpoint_every):
         raise ValueError(f"checkpoint_every must be an integer >= 0 (0: only at the end), got "
                          f"{checkpoint_every!r}.")
     if not isinstance(resume, bool):
         raise ValueError(f"resume must be True or False, got {resume!r}.")
-    if checkpoint_path is None:
-        return core.train(model, batches, steps, trainer=trainer)
-    path = Path(checkpoint_path)
-    for stale in usae_io.stale_temporaries(path):  # left by a write that was killed
-        stale.unlink(missing_ok=True)
-    if resume and path.exists():
-        _resume(trainer, path)
+    path = None if checkpoint_path is None else Path(checkpoint_path)
+    if path is not None:
+        for stale in usae_io.stale_temporaries(path):  # left by a write that was killed
+            stale.unlink(missing_ok=True)
+        if resume and path.exists():
+            _resume(trainer, path)
+    monitor = usae_monitor.TrainingMonitor()
 
-    def write_every(trainer: core.Trainer) -> None:
-        if checkpoint_every and trainer.step_count % checkpoint_every == 0:
+    def after_step(trainer: core.Trainer, output: core.StepOutput) -> None:
+        monitor(trainer, output)
+        if path is not None and checkpoint_every and trainer.step_count % checkpoint_every == 0:
             _write(model, path, trainer)
 
+    stream = _checked_stream(model, batches, trainer.step_count)
     try:
-        result = core.train(model, batches, steps, trainer=trainer, on_step=write_every)
+        result = core.train(model, stream, steps, trainer=trainer, on_step=after_step)
     except (ValueError, TypeError):
         # A bad batch is refused before it changes anything: keep the work done so far.
-        if trainer.step_count > 0:
+        if path is not None and trainer.step_count > 0:
             _write(model, path, trainer)
         raise
-    _write(model, path, trainer)
+    if path is not None:
+        _write(model, path, trainer)
     return result

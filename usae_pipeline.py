@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 import usae_analysis as analysis
 import usae_cache as cache_lib
 import usae_checkpoint as ckpt
+import usae_checks as checks
 import usae_core as core
 import usae_images as images_lib
 import usae_io
@@ -156,8 +157,8 @@ class Experiment:
     def validate(self) -> None:
         """Reject nonsense before any long work starts."""
         for key in ("n_concepts", "k", "batch_tokens"):
-            core.require_positive_int(getattr(self, key), key)
-        core.require_seed(self.seed)
+            checks.require_positive_int(getattr(self, key), key)
+        checks.require_seed(self.seed)
         for key in ("train_images", "val_images", "ood_images", "tokens_per_image"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -173,7 +174,7 @@ class Experiment:
         if self.standardization not in STANDARDIZATIONS:
             raise ValueError(f"standardization={self.standardization!r} is not one of "
                              f"{list(STANDARDIZATIONS)}.")
-        core.TrainConfig(**self.train_options()).validate()
+        checks.check_train_config(core.TrainConfig(**self.train_options()))
         if self.k >= self.n_concepts:
             raise ValueError(f"k={self.k} must be smaller than n_concepts={self.n_concepts}.")
         if self.tokens_per_image > 196:

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import usae_analysis as analysis  # noqa: E402
 import usae_cache  # noqa: E402
+import usae_checkpoint  # noqa: E402
 import usae_core as core  # noqa: E402
 import usae_loader  # noqa: E402
 
@@ -83,10 +84,10 @@ def train_model(names, acts, rows, spec, stats, means, seed) -> tuple[core.USAE,
     model.set_standardization({n: stats[n] for n in names},
                               {n: means[n] for n in names} if spec["centre"] else None)
     steps = int(spec["epochs"] * len(rows) / spec["batch_tokens"])
-    result = core.train(model, Batches({n: acts[n] for n in names}, rows,
-                                       spec["batch_tokens"], seed),
-                        steps, seed=seed, progress=False, log_every=max(1, steps // 20),
-                        **spec["train"])
+    result = usae_checkpoint.train(model, Batches({n: acts[n] for n in names}, rows,
+                                                  spec["batch_tokens"], seed),
+                                   steps, seed=seed, progress=False, log_every=max(1, steps // 20),
+                                   **spec["train"])
     return model, result.history
 
 

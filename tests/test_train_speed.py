@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import usae_checks as checks
 import usae_core as core
 import usae_checkpoint as ckpt
 
@@ -110,7 +111,7 @@ def run_both(steps: int, n: int = 128, k: int = 8, lr: float = 3e-3, update: str
         lr_now = core.scheduled_lr(step, steps, 2, lr, config.final_lr)
         plain_losses.append(reference_step(plain, optimizers, batch, source, lr_now,
                                            update=update)[0])
-        fast_losses.append(trainer.step(batch, source))
+        fast_losses.append(trainer.step(batch, source).losses)
     return fast, plain, torch.stack(fast_losses), torch.stack(plain_losses), sources
 
 
@@ -171,7 +172,7 @@ def test_step_losses_equal_the_released_l1_aux_per_target(n, k, sparse_decode, u
                             model.dictionary(name)) for name in DIMS])
     model.pairs["b"].batch_norm.reset_running_stats()  # encode_full above counted as a batch
     config = core.TrainConfig(update=update, sparse_decode=sparse_decode)
-    losses = core.Trainer(model, config, total_steps=5, seed=0).step(batch, source="b")
+    losses = core.Trainer(model, config, total_steps=5, seed=0).step(batch, source="b").losses
     torch.testing.assert_close(losses, expected, **LOSS_TOL)
 
 
@@ -183,7 +184,7 @@ def test_sparse_decode_equals_dense_decode_for_every_loss(loss):
         model = core.USAE(DIMS, 64, 6, seed=2).train()
         config = core.TrainConfig(loss=loss, lr=lr, sparse_decode=sparse_decode)
         trainer = core.Trainer(model, config, total_steps=steps, seed=0)
-        losses.append(torch.stack([trainer.step(batch, source) for batch, source in
+        losses.append(torch.stack([trainer.step(batch, source).losses for batch, source in
                                    zip(standardized_batches(steps), ["a", "c", "a", "b"])]))
         models.append(model)
     torch.testing.assert_close(losses[1], losses[0], **LOSS_TOL)
@@ -197,7 +198,7 @@ def test_bf16_precision_stays_close_to_fp32_and_keeps_fp32_state(loss):
     for precision in ("fp32", "bf16"):
         model = core.USAE(DIMS, 128, 8, seed=0).train()
         trainer = core.Trainer(model, core.TrainConfig(loss=loss, precision=precision), 5, 0)
-        losses[precision] = trainer.step(batch, source="c")
+        losses[precision] = trainer.step(batch, source="c").losses
         assert losses[precision].dtype == torch.float32
         assert all(p.dtype == torch.float32 for p in model.parameters())
         assert model.pairs["c"].batch_norm.running_var.dtype == torch.float32
@@ -248,4 +249,4 @@ def test_checkpoints_written_before_the_new_options_still_resume(tmp_path):
     ({"sparse_decode": 1}, "sparse_decode must be True or False")])
 def test_bad_speed_options_are_refused(options, message):
     with pytest.raises(ValueError, match=message):
-        core.TrainConfig(**options).validate()
+        checks.check_train_config(core.TrainConfig(**options))
