@@ -383,8 +383,9 @@ def consistency(usae_dictionary: Tensor, independent_dictionary: Tensor, *,
     dict
         ``share_gt_0_5`` (share of USAE concepts matched with cosine > 0.5), ``auc``,
         ``mean_cosine``, ``random_baseline_auc`` (a random dictionary with the independent
-        one's mean and std, matched the same way), and ``cosines`` (per matched concept).
-        With ``subset``, only those USAE concepts are matched (the top-1,000 co-firing ones).
+        one's mean and std, matched the same way), ``cosines`` (per matched concept) and
+        ``random_baseline_cosines`` (per matched random row). With ``subset``, only those USAE
+        concepts are matched (the top-1,000 co-firing ones), and as many random rows.
     """
     usae_rows = usae_dictionary.detach() if subset is None else usae_dictionary.detach()[subset]
     matched = hungarian_match(usae_rows, independent_dictionary.detach())
@@ -394,7 +395,29 @@ def consistency(usae_dictionary: Tensor, independent_dictionary: Tensor, *,
             "auc": matching_auc(matched.cosines),
             "mean_cosine": float(matched.cosines.mean()),
             "random_baseline_auc": matching_auc(baseline.cosines),
-            "cosines": matched.cosines}
+            "cosines": matched.cosines, "random_baseline_cosines": baseline.cosines}
+
+
+class ModelConsistency(NamedTuple):
+    summary: dict[str, dict]  # model -> the numbers of :func:`consistency`, no arrays
+    cosines: dict[str, np.ndarray]  # model -> matched cosine of each USAE concept
+    baselines: dict[str, np.ndarray]  # model -> matched cosine of each random row
+
+
+def consistency_by_model(usae_dictionaries: Mapping[str, Tensor],
+                         independent_dictionaries: Mapping[str, Tensor], *,
+                         subset: Tensor | None = None, seed: int = 0) -> ModelConsistency:
+    """:func:`consistency` of each model's USAE dictionary with its independent SAE's (Fig. 7:
+    the matched cosines, and the random baseline's beside them), in ``usae_dictionaries``' order.
+    """
+    summary, cosines, baselines = {}, {}, {}
+    for name, usae_dictionary in usae_dictionaries.items():
+        result = consistency(usae_dictionary, independent_dictionaries[name], subset=subset,
+                             seed=seed)
+        cosines[name] = result.pop("cosines")
+        baselines[name] = result.pop("random_baseline_cosines")
+        summary[name] = result
+    return ModelConsistency(summary, cosines, baselines)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,9 +30,10 @@ released code (spec section 2); the loader leaves the activations raw unless ask
 
 Of the project this module imports ``usae_cache_files`` (file names, the request that names a
 cache, :class:`~usae_cache_files.CacheMismatchError`, the crash-safe writes of a build),
-``usae_cache_verify`` (checksums, :class:`~usae_cache_verify.CorruptCacheError`) and
-``usae_images`` (image lists, decoding); backbones are used through their interface (``name``,
-``width``, ``grid``, ``preprocessing``, ``preprocess``, ``forward``, ``describe``).
+``usae_cache_verify`` (checksums, :class:`~usae_cache_verify.CorruptCacheError`),
+``usae_core`` (the argument checks: integers, seeds, devices) and ``usae_images`` (image lists,
+decoding); backbones are used through their interface (``name``, ``width``, ``grid``,
+``preprocessing``, ``preprocess``, ``forward``, ``describe``).
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ from tqdm.auto import tqdm
 
 import usae_cache_files as cache_files
 import usae_cache_verify as integrity
+import usae_core as core
 from usae_cache_files import (CACHE_FORMAT, DTYPE, METADATA_FILE, PROGRESS_FILE,
                               cache_bytes_per_image)
 from usae_cache_verify import CorruptCacheError
@@ -56,7 +58,7 @@ from usae_images import ImageSet, list_images, open_image
 
 
 # ----------------------------------------------------------------------------------------------
-# Sizes and arguments
+# Sizes
 
 
 def tokens_per_image_for_budget(widths: Iterable[int], n_images: int, budget_bytes: float,
@@ -75,23 +77,6 @@ def tokens_per_image_for_budget(widths: Iterable[int], n_images: int, budget_byt
                          f"for {n_images:,} images ({per_token} bytes per token); raise the "
                          "budget or use fewer images.")
     return min(tokens, int(grid_tokens))
-
-
-def is_int(value: Any, low: int) -> bool:
-    """Whether ``value`` is an integer (a bool is not) of at least ``low``."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
-
-
-def check_device(device: Any) -> None:
-    """Refuse an unknown device, or a GPU that is not there, before any work starts."""
-    try:
-        kind = torch.device(device).type
-    except (RuntimeError, TypeError, ValueError) as error:
-        raise ValueError(f"device {device!r} is not a torch device; use 'cpu' or "
-                         "'cuda[:N]'.") from error
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was asked for but no CUDA GPU is visible; use "
-                         "'cpu'.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,7 +178,8 @@ def open_cache(path: str | os.PathLike, verify: str = "auto", *,
     CorruptCacheError
         A file is damaged, truncated or altered (the message names it and says what to do).
     ValueError
-        Bad ``verify``, or ``"full"`` asked of a cache that holds no content checksums.
+        Bad ``verify`` or ``seed``, or ``"full"`` asked of a cache that holds no content
+        checksums.
 
     Notes
     -----
@@ -203,6 +189,8 @@ def open_cache(path: str | os.PathLike, verify: str = "auto", *,
     """
     if verify not in integrity.VERIFY_MODES:
         raise ValueError(f"verify={verify!r} is not one of {list(integrity.VERIFY_MODES)}.")
+    if seed is not None:
+        core.require_seed(seed)
     folder = Path(path)
     if folder.name == METADATA_FILE:
         folder = folder.parent
@@ -260,8 +248,11 @@ def open_cache(path: str | os.PathLike, verify: str = "auto", *,
     return Cache(folder, metadata, arrays, stats, kept, positions)
 
 
-def _reuse(folder: Path, request: dict) -> Cache | None:
-    """The complete cache in ``folder`` if it was made for ``request``; None if there is none."""
+def _reuse(folder: Path, request: dict, rebuild: bool) -> Cache | None:
+    """The complete cache in ``folder`` if it was made for ``request``; None if there is none,
+    or if ``rebuild`` asked to delete the cache there (complete or not) first."""
+    if rebuild:
+        cache_files.remove_cache(folder)
     if not (folder / METADATA_FILE).exists():
         return None
     cache_files.check_request(integrity.read_json(folder / METADATA_FILE), request, folder)
@@ -343,20 +334,19 @@ def build_cache(backbones: Sequence[Any], images: ImageSet | str | os.PathLike,
     grids = {bb.name: int(bb.grid) for bb in backbones}
     if len(set(grids.values())) != 1:
         raise ValueError(f"all backbones must share one token grid to align tokens, got {grids}.")
-    if not is_int(batch_size, 1):
+    if not core.is_int(batch_size, 1):
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-    if not is_int(stats_sample, 1):
+    if not core.is_int(stats_sample, 1):
         raise ValueError(f"stats_sample must be a positive integer, got {stats_sample!r}.")
     grid = next(iter(grids.values()))
     tokens = grid * grid if tokens_per_image is None else tokens_per_image
-    if not is_int(tokens, 1) or tokens > grid * grid:
+    if not core.is_int(tokens, 1) or tokens > grid * grid:
         raise ValueError(f"tokens_per_image must be within 1..{grid * grid}, got "
                          f"{tokens_per_image!r}.")
-    if not is_int(seed, 0):
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}.")
-    if not is_int(workers, 1):
+    core.require_seed(seed)
+    if not core.is_int(workers, 1):
         raise ValueError(f"workers must be a positive integer, got {workers!r}.")
-    check_device(device)
+    core.require_device(device)
     if not isinstance(images, ImageSet):
         images = list_images(images)
     folder = Path(out_dir)
@@ -376,9 +366,7 @@ def build_cache(backbones: Sequence[Any], images: ImageSet | str | os.PathLike,
             "name": bb.name, "width": int(bb.width), "layer": described.get("layer"),
             "grid": grid, "preprocessing": preprocessing, "describe": described}))
     request = cache_files.request_for(models, images, grid, tokens, seed, stats_sample)
-    if rebuild:
-        cache_files.remove_cache(folder)
-    cache = _reuse(folder, request)
+    cache = _reuse(folder, request, rebuild)
     if cache is not None:
         return cache
 
@@ -505,9 +493,7 @@ def make_synthetic_cache(out_dir: str | os.PathLike, widths: Mapping[str, int], 
     folder = Path(out_dir)
     with cache_files.writing(folder):
         folder.mkdir(parents=True, exist_ok=True)
-    if rebuild:
-        cache_files.remove_cache(folder)
-    cache = _reuse(folder, request)
+    cache = _reuse(folder, request, rebuild)
     if cache is not None:
         return cache
     _, arrays = cache_files.open_partial(folder, request)

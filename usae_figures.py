@@ -1,9 +1,10 @@
-"""The paper's quantitative figures (sections 4.2 to 4.4), each beside the paper's numbers.
+"""The paper's quantitative figures (sections 4.2 to 4.4), each beside the paper's numbers, and
+the grid of section 4.5's coordinated activation maximisation (Fig. 8).
 
-Every function takes plain numbers (from ``usae_analysis`` or ``metrics.json``) and returns a
-matplotlib Figure; nothing is shown or saved here. ``PAPER`` holds what the paper reports
-(usae-spec.md section 7) for the DINOv2 / SigLIP / ViT USAE on ImageNet, so that every plot can
-say how our run compares, and with which models.
+Every function takes plain numbers (from ``usae_analysis``, ``usae_actmax`` or ``metrics.json``)
+and returns a matplotlib Figure; nothing is shown or saved here. ``PAPER`` holds what the paper
+reports (usae-spec.md section 7) for the DINOv2 / SigLIP / ViT USAE on ImageNet, so that every
+plot can say how our run compares, and with which models.
 """
 from __future__ import annotations
 
@@ -270,6 +271,36 @@ def consistency_histograms(cosines: Mapping[str, Sequence[float]],
         ax.set_xlabel("matched cosine")
         ax.legend(fontsize=7)
     fig.suptitle(wrap(title, fig.get_figwidth(), 9), fontsize=9)
+    return add_caption(fig, caption)
+
+
+def coordinated_actmax(results: Mapping[int, Mapping[str, object]], *,
+                       caption: str) -> plt.Figure:
+    """Fig. 8: one row per concept, one column per model, each model's image for the concept.
+
+    Parameters
+    ----------
+    results : mapping of int to mapping of str to ActMaxResult
+        Concept -> model name -> what ``usae_actmax.coordinated_maximization`` returns for it
+        (``image``: 3 x H x W in [0, 1], ``objective_start``, ``objective_end``); every concept
+        with the same models, in the same order (the columns).
+    caption : str
+        Put under the grid.
+    """
+    models = {concept: list(by_model) for concept, by_model in results.items()}
+    names = next(iter(models.values()), [])
+    if not names or any(row != names for row in models.values()):
+        raise ValueError(f"results must give every concept the same models, in one order, got "
+                         f"{models}.")
+    fig, axes = plt.subplots(len(results), len(names), layout="constrained",
+                             figsize=(3 * len(names), 3 * len(results)), squeeze=False)
+    for row, (concept, by_model) in enumerate(results.items()):
+        for col, name in enumerate(names):
+            result = by_model[name]
+            axes[row, col].imshow(np.moveaxis(np.asarray(result.image), 0, -1))  # HWC to show
+            wrapped_title(axes[row, col], f"concept {concept} · {name}\nobjective "
+                          f"{result.objective_start:.2f} → {result.objective_end:.2f}", 8)
+            axes[row, col].axis("off")
     return add_caption(fig, caption)
 
 

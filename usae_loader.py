@@ -8,8 +8,8 @@ step, so that a resumed training run sees the batches an uninterrupted one would
 :func:`iter_rows` reads rows in cache order; :func:`channel_means` reads the per-channel means
 that per-channel centring needs.
 
-Of the project this module imports ``usae_cache`` (``Cache``, ``open_cache`` and its argument
-checks) and ``usae_core.STD_EPS``.
+Of the project this module imports ``usae_cache`` (``Cache``, ``open_cache``) and ``usae_core``
+(``STD_EPS`` and the argument checks).
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from usae_cache import Cache, check_device, is_int, open_cache
-from usae_core import STD_EPS
+from usae_cache import Cache, open_cache
+from usae_core import STD_EPS, is_int, require_device, require_seed
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class LoaderConfig:
     batch_size : int
         Tokens per batch, at least 2 (BatchNorm); 6,272 = 32 images x 196 tokens in the paper.
     seed : int
-        Seeds every epoch's order, at least 0.
+        Seeds every epoch's order, in [0, 2**63).
     device : str or torch.device
         Where batches are put (cast from fp16 to fp32 there, so half the bytes move).
     standardize : bool
@@ -70,9 +70,8 @@ class LoaderConfig:
                 raise ValueError(f"{what} must be an integer >= {low}, got {value!r}"
                                  + (" (BatchNorm needs at least 2 tokens)."
                                     if what == "batch_size" else "."))
-        if not is_int(self.seed, 0):
-            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}.")
-        check_device(self.device)
+        require_seed(self.seed)
+        require_device(self.device)
 
 
 class TokenLoader:

@@ -48,21 +48,17 @@ exp, caches, model, source = pipeline.open_run(preset=preset, out=out, images=im
 saes = pipeline.load_independent(exp)
 
 # %%
-by_model, cosines, baselines = {}, {}, {}
-for name in model.names:
-    usae_dictionary = model.dictionary(name).detach().cpu()
-    independent = saes[name].dictionary(name).detach().cpu()
-    result = analysis.consistency(usae_dictionary, independent, seed=exp.seed)
-    baseline = analysis.hungarian_match(analysis.random_dictionary_like(independent, seed=exp.seed),
-                                        independent)
-    by_model[name] = {key: value for key, value in result.items() if key != "cosines"}
-    cosines[name], baselines[name] = result["cosines"], baseline.cosines
-    print(name, by_model[name])
+usae_dictionaries = {name: model.dictionary(name).detach().cpu() for name in model.names}
+independent = {name: saes[name].dictionary(name).detach().cpu() for name in model.names}
+matched = analysis.consistency_by_model(usae_dictionaries, independent, seed=exp.seed)
+by_model, baselines = matched.summary, matched.baselines
+for name, numbers in by_model.items():
+    print(name, numbers)
 paper = figs.PAPER["consistency_share_gt_0_5"]
 fig = figs.consistency_histograms(
-    cosines, baselines, title=f"USAE vs independent SAEs (paper: cosine > 0.5 for ViT "
-    f"{paper['ViT']:.0%}, DinoV2 {paper['DinoV2']:.0%}, SigLIP {paper['SigLIP']:.0%}; random AUC "
-    f"{figs.PAPER['random_baseline_auc']})", caption=source)
+    matched.cosines, baselines, title=f"USAE vs independent SAEs (paper: cosine > 0.5 for ViT "
+    f"{paper['ViT']:.0%}, DinoV2 {paper['DinoV2']:.0%}, SigLIP {paper['SigLIP']:.0%}; random "
+    f"AUC {figs.PAPER['random_baseline_auc']})", caption=source)
 figs.save(fig, figures, "fig7_consistency")
 
 # %% [markdown]
@@ -74,17 +70,15 @@ figs.save(fig, figures, "fig7_consistency")
 val = pipeline.encoded_split(exp, model, caches, "val")
 stats = analysis.concept_statistics(val.codes)
 top = analysis.top_concepts(stats.cofires.double(), min(1000, model.n_concepts // 2))
-top_cosines = {}
-for name in model.names:
-    result = analysis.consistency(model.dictionary(name).detach().cpu(),
-                                  saes[name].dictionary(name).detach().cpu(), subset=top,
-                                  seed=exp.seed)
-    by_model[name]["top_cofire_mean_cosine"] = result["mean_cosine"]
-    top_cosines[name] = result["cosines"]
+top_matched = analysis.consistency_by_model(usae_dictionaries, independent, subset=top,
+                                           seed=exp.seed)
+for name, numbers in top_matched.summary.items():
+    by_model[name]["top_cofire_mean_cosine"] = numbers["mean_cosine"]
 paper = figs.PAPER["consistency_top1000_mean_cosine"]
 fig = figs.consistency_histograms(
-    top_cosines, baselines, title=f"The {len(top)} most co-firing concepts (paper mean cosine: "
-    f"DinoV2 {paper['DinoV2']}, ViT {paper['ViT']}, SigLIP {paper['SigLIP']})", caption=source)
+    top_matched.cosines, baselines, title=f"The {len(top)} most co-firing concepts (paper mean "
+    f"cosine: DinoV2 {paper['DinoV2']}, ViT {paper['ViT']}, SigLIP {paper['SigLIP']})",
+    caption=source)
 figs.save(fig, figures, "fig16_consistency_top_cofiring")
 metrics = pipeline.update_metrics(exp, {"consistency": by_model})
 print(metrics["consistency"])

@@ -68,16 +68,8 @@ if backbones:
     results = {concept: actmax.coordinated_maximization(model, backbones, concept, prior, config,
                                                         seed=exp.seed)
                for concept in universal}
-    fig, axes = plt.subplots(len(universal), len(model.names), layout="constrained",
-                             figsize=(3 * len(model.names), 3 * len(universal)), squeeze=False)
-    for row, concept in enumerate(universal):
-        for col, name in enumerate(model.names):
-            result = results[concept][name]
-            axes[row, col].imshow(result.image.permute(1, 2, 0).numpy())
-            figs.wrapped_title(axes[row, col], f"concept {concept} · {name}\nobjective "
-                               f"{result.objective_start:.2f} → {result.objective_end:.2f}", 8)
-            axes[row, col].axis("off")
-    figs.add_caption(fig, source + f"; MaCo-style, {config.steps} steps, {config.image_size} px.")
+    fig = figs.coordinated_actmax(results, caption=source + f"; MaCo-style, {config.steps} "
+                                  f"steps, {config.image_size} px.")
     figs.save(fig, figures, "fig8_coordinated_actmax")
     gains = {str(c): {n: r.objective_end - r.objective_start for n, r in results[c].items()}
              for c in universal}

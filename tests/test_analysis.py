@@ -205,6 +205,32 @@ def test_consistency_of_identical_and_random_dictionaries():
     assert len(subset["cosines"]) == 10 and subset["auc"] == pytest.approx(1.0)
 
 
+def test_consistency_by_model_finds_a_planted_match_and_the_random_level():
+    generator = torch.Generator().manual_seed(0)
+    independent = {name: torch.randn(64, 128, generator=generator) for name in ("b", "a")}
+    usae = {"b": independent["b"][torch.randperm(64, generator=generator)],  # the same concepts
+            "a": torch.randn(64, 128, generator=generator)}  # unrelated concepts
+    found = analysis.consistency_by_model(usae, independent, seed=3)
+    assert list(found.summary) == list(found.cosines) == list(found.baselines) == ["b", "a"]
+    np.testing.assert_allclose(found.cosines["b"], 1.0)
+    assert found.summary["b"]["share_gt_0_5"] == 1.0
+    # The baseline is a random dictionary like the independent one, matched the same way ...
+    for name in usae:
+        random_rows = analysis.random_dictionary_like(independent[name], seed=3)
+        expected = analysis.hungarian_match(random_rows, independent[name]).cosines
+        np.testing.assert_array_equal(found.baselines[name], expected)
+        assert found.summary[name]["random_baseline_auc"] == analysis.matching_auc(expected)
+        assert set(found.summary[name]) == {"share_gt_0_5", "auc", "mean_cosine",
+                                            "random_baseline_auc"}
+    # ... and unrelated concepts match no better than it does.
+    assert found.summary["a"]["auc"] == pytest.approx(found.summary["a"]["random_baseline_auc"],
+                                                      abs=0.05)
+    assert found.summary["a"]["share_gt_0_5"] == 0.0
+    top = analysis.consistency_by_model(usae, independent, subset=torch.arange(10), seed=3)
+    assert all(len(top.cosines[n]) == len(top.baselines[n]) == 10 for n in usae)
+    np.testing.assert_allclose(top.cosines["b"], 1.0)
+
+
 def test_matching_auc_is_the_area_under_the_share_above_threshold_curve():
     cosines = np.array([0.9, 0.4, -0.2, 0.7])
     thresholds = np.linspace(0, 1, 100001)

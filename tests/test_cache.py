@@ -494,8 +494,9 @@ BUILD_CASES = [
     ({"tokens_per_image": 0}, "tokens_per_image must be within 1..196"),
     ({"tokens_per_image": 197}, "tokens_per_image must be within 1..196"),
     ({"stats_sample": -1}, "stats_sample must be a positive integer"),
-    ({"seed": -1}, "seed must be an integer >= 0"),
-    ({"seed": "0"}, "seed must be an integer >= 0"),
+    ({"seed": -1}, r"seed must be an integer in \[0, 2\*\*63\)"),
+    ({"seed": "0"}, r"seed must be an integer in \[0, 2\*\*63\)"),
+    ({"seed": 2**63}, r"seed must be an integer in \[0, 2\*\*63\)"),
     ({"workers": 0}, "workers must be a positive integer"),
     ({"device": "tpu"}, "'tpu' is not a torch device"),
     ({"images": "{missing}"}, "does not exist"),
@@ -520,3 +521,9 @@ def test_build_cache_refuses_nonsense_before_writing_anything(options, message, 
 def test_open_cache_refuses_an_unknown_mode(small_cache):
     with pytest.raises(ValueError, match="verify='quick' is not one of"):
         uc.open_cache(small_cache, verify="quick")
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63, 1.5, "0"])
+def test_open_cache_refuses_a_bad_seed(seed, small_cache):
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*63\)"):
+        uc.open_cache(small_cache, seed=seed)

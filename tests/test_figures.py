@@ -113,3 +113,54 @@ def test_r2_matrix_prints_the_baseline_under_every_value():
     texts = {t.get_text() for t in fig.axes[0].texts}
     assert texts == {"0.80\nrandom 0.01", "0.10\nrandom -0.20", "0.20\nrandom 0.00",
                      "0.50\nrandom 0.03"}
+
+
+def _actmax_results(concepts, names, size=16):
+    """What ``usae_actmax.coordinated_maximization`` returns, per concept."""
+    import torch
+
+    import usae_actmax as actmax
+
+    generator = torch.Generator().manual_seed(0)
+    return {concept: {name: actmax.ActMaxResult(torch.rand(3, size, size, generator=generator),
+                                                0.1 * col, 1.0 + col, [0.1 * col, 1.0 + col])
+                      for col, name in enumerate(names)} for concept in concepts}
+
+
+def test_coordinated_actmax_puts_each_concept_on_a_row_and_each_model_in_a_column(tmp_path):
+    names = ["dinov2_imgfocus_block9", "mobilenetv2_deepsort", "efficientnet_lite0"]
+    results = _actmax_results([7, 3], names)
+    fig = figs.coordinated_actmax(results, caption=LONG)
+    assert len(fig.axes) == 6
+    lefts, tops = {}, {}
+    for ax in fig.axes:
+        spec = ax.get_subplotspec()
+        row, col = spec.rowspan.start, spec.colspan.start
+        concept, name = [7, 3][row], names[col]
+        result = results[concept][name]
+        assert " ".join(ax.get_title().split()) == (
+            f"concept {concept} · {name} objective {result.objective_start:.2f} → "
+            f"{result.objective_end:.2f}")
+        shown = ax.images[0].get_array()
+        assert shown.shape == (16, 16, 3)
+        np.testing.assert_allclose(shown, result.image.permute(1, 2, 0).numpy())
+        assert not ax.axison
+        box = ax.get_position()
+        lefts.setdefault(col, set()).add(round(box.x0, 3))
+        tops.setdefault(row, set()).add(round(box.y1, 3))
+    # A grid: one left edge per column and one top per row, columns left to right, rows down.
+    assert all(len(v) == 1 for v in (*lefts.values(), *tops.values()))
+    assert [lefts[c] for c in range(3)] == sorted(lefts.values(), key=min)
+    assert min(tops[0]) > min(tops[1])
+    assert any(LONG.split()[0] in t.get_text() for t in fig.texts)  # the caption
+    assert figs.text_overlaps(fig) == []
+    assert figs.save(fig, tmp_path, "fig8").read_bytes().startswith(b"\x89PNG")
+
+
+def test_coordinated_actmax_refuses_concepts_with_different_models():
+    results = _actmax_results([1, 2], ["a", "b"])
+    results[2] = dict(reversed(results[2].items()))
+    with pytest.raises(ValueError, match="same models"):
+        figs.coordinated_actmax(results, caption="c")
+    with pytest.raises(ValueError, match="same models"):
+        figs.coordinated_actmax({}, caption="c")

@@ -148,8 +148,9 @@ def test_loader_standardize_and_validation(tmp_path, write_coded_images):
 @pytest.mark.parametrize("options, message", [
     ({"chunk_rows": 0}, "chunk_rows must be an integer >= 1"),
     ({"buffer_chunks": -2}, "buffer_chunks must be an integer >= 1"),
-    ({"seed": -1}, "seed must be an integer >= 0"),
-    ({"seed": 0.5}, "seed must be an integer >= 0"),
+    ({"seed": -1}, r"seed must be an integer in \[0, 2\*\*63\)"),
+    ({"seed": 0.5}, r"seed must be an integer in \[0, 2\*\*63\)"),
+    ({"seed": 2**63}, r"seed must be an integer in \[0, 2\*\*63\)"),
     ({"device": "tpu"}, "'tpu' is not a torch device")])
 def test_token_loader_refuses_nonsense(options, message, small_cache):
     with pytest.raises(ValueError, match=message):
