@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 import usae_cache_files as cache_files
 import usae_cache_verify as integrity
-import usae_core as core
+import usae_checks as checks
 from usae_cache_files import (CACHE_FORMAT, DTYPE, METADATA_FILE, PROGRESS_FILE,
                               cache_bytes_per_image)
 from usae_cache_verify import CorruptCacheError
@@ -190,7 +190,7 @@ def open_cache(path: str | os.PathLike, verify: str = "auto", *,
     if verify not in integrity.VERIFY_MODES:
         raise ValueError(f"verify={verify!r} is not one of {list(integrity.VERIFY_MODES)}.")
     if seed is not None:
-        core.require_seed(seed)
+        checks.require_seed(seed)
     folder = Path(path)
     if folder.name == METADATA_FILE:
         folder = folder.parent
@@ -334,19 +334,19 @@ def build_cache(backbones: Sequence[Any], images: ImageSet | str | os.PathLike,
     grids = {bb.name: int(bb.grid) for bb in backbones}
     if len(set(grids.values())) != 1:
         raise ValueError(f"all backbones must share one token grid to align tokens, got {grids}.")
-    if not core.is_int(batch_size, 1):
+    if not checks.is_int(batch_size, 1):
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-    if not core.is_int(stats_sample, 1):
+    if not checks.is_int(stats_sample, 1):
         raise ValueError(f"stats_sample must be a positive integer, got {stats_sample!r}.")
     grid = next(iter(grids.values()))
     tokens = grid * grid if tokens_per_image is None else tokens_per_image
-    if not core.is_int(tokens, 1) or tokens > grid * grid:
+    if not checks.is_int(tokens, 1) or tokens > grid * grid:
         raise ValueError(f"tokens_per_image must be within 1..{grid * grid}, got "
                          f"{tokens_per_image!r}.")
-    core.require_seed(seed)
-    if not core.is_int(workers, 1):
+    checks.require_seed(seed)
+    if not checks.is_int(workers, 1):
         raise ValueError(f"workers must be a positive integer, got {workers!r}.")
-    core.require_device(device)
+    checks.require_device(device)
     if not isinstance(images, ImageSet):
         images = list_images(images)
     folder = Path(out_dir)

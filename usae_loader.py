@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from usae_cache import Cache, open_cache
-from usae_core import STD_EPS, is_int, require_device, require_seed
+from usae_checks import is_int, require_device, require_seed
+from usae_core import STD_EPS
 
 
 @dataclass(frozen=True)
