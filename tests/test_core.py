@@ -127,11 +127,16 @@ def test_frobenius_and_mse_losses_equal_hand_computation():
     assert hand_loss(core.mse_loss) == pytest.approx(squares / 4)
 
 
-def test_training_loss_is_the_sum_over_every_target():
+def standardized_batch():
+    """A fresh USAE standardised on one tiny batch, and that batch standardised."""
     model = core.USAE(DIMS, n_concepts=16, k=3, seed=0)
     batch = tiny_batches(1)[0]
     model.fit_standardization(batch)
-    standardized = {name: model.standardize(name, t) for name, t in batch.items()}
+    return model, {name: model.standardize(name, t) for name, t in batch.items()}
+
+
+def test_training_loss_is_the_sum_over_every_target():
+    model, standardized = standardized_batch()
     trainer = core.Trainer(model, core.TrainConfig(loss="mse"), total_steps=10, seed=0)
     with torch.no_grad():
         encoding = model.encode_full("a", standardized["a"], standardized=True)
@@ -147,10 +152,7 @@ def test_training_loss_is_the_sum_over_every_target():
 
 @pytest.mark.parametrize("source", list(DIMS))
 def test_a_released_step_changes_only_the_source_encoder_and_decoder(source):
-    model = core.USAE(DIMS, n_concepts=16, k=3, seed=0)
-    batch = tiny_batches(1)[0]
-    model.fit_standardization(batch)
-    standardized = {name: model.standardize(name, t) for name, t in batch.items()}
+    model, standardized = standardized_batch()
     trainer = core.Trainer(model, core.TrainConfig(), total_steps=10, seed=0)
     model.train()
     before = snapshot(model)
@@ -165,10 +167,7 @@ def test_a_released_step_changes_only_the_source_encoder_and_decoder(source):
 
 
 def test_all_decoders_option_steps_every_decoder_and_one_encoder():
-    model = core.USAE(DIMS, n_concepts=16, k=3, seed=0)
-    batch = tiny_batches(1)[0]
-    model.fit_standardization(batch)
-    standardized = {name: model.standardize(name, t) for name, t in batch.items()}
+    model, standardized = standardized_batch()
     trainer = core.Trainer(model, core.TrainConfig(update="all_decoders"), total_steps=10, seed=0)
     model.train()
     before = snapshot(model)
@@ -182,10 +181,7 @@ def test_all_decoders_option_steps_every_decoder_and_one_encoder():
 
 def test_released_rule_gives_the_same_encoder_gradient_as_undetached_decoders():
     """Detaching the other decoders changes no gradient that the released code applies."""
-    model = core.USAE(DIMS, n_concepts=16, k=3, seed=0)
-    batch = tiny_batches(1)[0]
-    model.fit_standardization(batch)
-    x = {name: model.standardize(name, t) for name, t in batch.items()}
+    model, x = standardized_batch()
 
     def encoder_grad(detach):
         model.zero_grad(set_to_none=True)
@@ -226,10 +222,7 @@ def test_paper_schedule_values():
 
 
 def lrs_used(schedule, steps, sources):
-    model = core.USAE(DIMS, n_concepts=16, k=3, seed=0)
-    batch = tiny_batches(1)[0]
-    model.fit_standardization(batch)
-    x = {name: model.standardize(name, t) for name, t in batch.items()}
+    model, x = standardized_batch()
     config = core.TrainConfig(schedule=schedule, warmup_steps=2)
     trainer = core.Trainer(model, config, total_steps=steps, seed=0)
     used = []
