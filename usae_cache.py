@@ -51,7 +51,8 @@ from tqdm.auto import tqdm
 import usae_cache_files as cache_files
 import usae_cache_verify as integrity
 import usae_checks as checks
-from usae_cache_files import (CACHE_FORMAT, DTYPE, METADATA_FILE, PROGRESS_FILE,
+import usae_io
+from usae_cache_files import (CACHE_FORMAT, DTYPE, LOCK_FILE, METADATA_FILE, PROGRESS_FILE,
                               cache_bytes_per_image)
 from usae_cache_verify import CorruptCacheError
 from usae_images import ImageSet, list_images, open_image
@@ -366,51 +367,52 @@ def build_cache(backbones: Sequence[Any], images: ImageSet | str | os.PathLike,
             "name": bb.name, "width": int(bb.width), "layer": described.get("layer"),
             "grid": grid, "preprocessing": preprocessing, "describe": described}))
     request = cache_files.request_for(models, images, grid, tokens, seed, stats_sample)
-    cache = _reuse(folder, request, rebuild)
-    if cache is not None:
-        return cache
+    with usae_io.exclusive(folder / LOCK_FILE, "building an activation cache"):
+        cache = _reuse(folder, request, rebuild)
+        if cache is not None:
+            return cache
 
-    state, arrays = cache_files.open_partial(folder, request)
-    for bb in backbones:
-        bb.to(device).eval()
-    n = len(images)
-    starts = list(range(state["images_done"], n, batch_size))
-    bar = tqdm(total=n, initial=state["images_done"], unit="img", desc="caching",
-               disable=not progress, smoothing=0.1)
-    pool = concurrent.futures.ThreadPoolExecutor(workers)
-    try:
-        def submit(start: int) -> list:
-            return [pool.submit(_load_for_models, images.absolute(i), backbones)
-                    for i in range(start, min(start + batch_size, n))]
+        state, arrays = cache_files.open_partial(folder, request)
+        for bb in backbones:
+            bb.to(device).eval()
+        n = len(images)
+        starts = list(range(state["images_done"], n, batch_size))
+        bar = tqdm(total=n, initial=state["images_done"], unit="img", desc="caching",
+                   disable=not progress, smoothing=0.1)
+        pool = concurrent.futures.ThreadPoolExecutor(workers)
+        try:
+            def submit(start: int) -> list:
+                return [pool.submit(_load_for_models, images.absolute(i), backbones)
+                        for i in range(start, min(start + batch_size, n))]
 
-        pending = submit(starts[0]) if starts else []
-        for k, start in enumerate(starts):
-            loaded = [future.result() for future in pending]
-            # Decode the next batch while the backbones work on this one.
-            pending = submit(starts[k + 1]) if k + 1 < len(starts) else []
-            good = []
-            for offset, (pixels, reason) in enumerate(loaded):
-                if pixels is None:
-                    state["skipped"].append({"index": start + offset,
-                                             "path": images.paths[start + offset],
-                                             "reason": reason})
-                else:
-                    good.append((start + offset, pixels))
-            blocks, failed = _extract(backbones, good, tokens, seed, device)
-            state["skipped"] += [{"index": i, "path": images.paths[i], "reason": reason}
-                                 for i, reason in failed]
-            cache_files.save_batch(folder, state, arrays, blocks, min(start + batch_size, n))
-            bar.update(state["images_done"] - start)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        bar.close()
-    del arrays
+            pending = submit(starts[0]) if starts else []
+            for k, start in enumerate(starts):
+                loaded = [future.result() for future in pending]
+                # Decode the next batch while the backbones work on this one.
+                pending = submit(starts[k + 1]) if k + 1 < len(starts) else []
+                good = []
+                for offset, (pixels, reason) in enumerate(loaded):
+                    if pixels is None:
+                        state["skipped"].append({"index": start + offset,
+                                                 "path": images.paths[start + offset],
+                                                 "reason": reason})
+                    else:
+                        good.append((start + offset, pixels))
+                blocks, failed = _extract(backbones, good, tokens, seed, device)
+                state["skipped"] += [{"index": i, "path": images.paths[i], "reason": reason}
+                                     for i, reason in failed]
+                cache_files.save_batch(folder, state, arrays, blocks, min(start + batch_size, n))
+                bar.update(state["images_done"] - start)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            bar.close()
+        del arrays
 
-    build = {"batch_size": batch_size, "device": str(device), "torch": torch.__version__,
-             "numpy": np.__version__}
-    cache_files.finalize(folder, request, models, images, grid, tokens, seed, stats_sample,
-                         state["skipped"], build, state["rows_done"])
-    return open_cache(folder)
+        build = {"batch_size": batch_size, "device": str(device), "torch": torch.__version__,
+                 "numpy": np.__version__}
+        cache_files.finalize(folder, request, models, images, grid, tokens, seed, stats_sample,
+                             state["skipped"], build, state["rows_done"])
+        return open_cache(folder)
 
 
 def _load_for_models(path: Path, backbones: list) -> tuple[list[torch.Tensor] | None, str | None]:
@@ -493,21 +495,22 @@ def make_synthetic_cache(out_dir: str | os.PathLike, widths: Mapping[str, int], 
     folder = Path(out_dir)
     with cache_files.writing(folder):
         folder.mkdir(parents=True, exist_ok=True)
-    cache = _reuse(folder, request, rebuild)
-    if cache is not None:
-        return cache
-    _, arrays = cache_files.open_partial(folder, request)
-    rng = np.random.default_rng(seed)
-    for name, array in arrays.items():
-        if acts is not None:
-            array[:] = np.asarray(acts[name], dtype=np.float32)
-        else:
-            for start in range(0, len(array), 65536):
-                stop = min(start + 65536, len(array))
-                array[start:stop] = rng.standard_normal((stop - start, array.shape[1]),
-                                                        dtype=np.float32)
-        array.flush()
-    del arrays
-    cache_files.finalize(folder, request, models, images, grid, tokens, seed, stats_sample, [],
-                         {"synthetic": True}, hash_content=False)
-    return open_cache(folder)
+    with usae_io.exclusive(folder / LOCK_FILE, "writing a synthetic activation cache"):
+        cache = _reuse(folder, request, rebuild)
+        if cache is not None:
+            return cache
+        _, arrays = cache_files.open_partial(folder, request)
+        rng = np.random.default_rng(seed)
+        for name, array in arrays.items():
+            if acts is not None:
+                array[:] = np.asarray(acts[name], dtype=np.float32)
+            else:
+                for start in range(0, len(array), 65536):
+                    stop = min(start + 65536, len(array))
+                    array[start:stop] = rng.standard_normal((stop - start, array.shape[1]),
+                                                            dtype=np.float32)
+            array.flush()
+        del arrays
+        cache_files.finalize(folder, request, models, images, grid, tokens, seed, stats_sample, [],
+                             {"synthetic": True}, hash_content=False)
+        return open_cache(folder)

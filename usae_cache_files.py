@@ -47,6 +47,7 @@ PROGRESS_FILE = "progress.json"
 KEPT_FILE = "kept_images.npy"
 POSITIONS_FILE = "positions.npy"
 PARTIAL_SUFFIX = ".partial"  # arrays being filled by a build
+LOCK_FILE = ".lock"  # held by the one process that builds the cache (usae_io.exclusive)
 _FIXED_FILES = (METADATA_FILE, PROGRESS_FILE, KEPT_FILE, POSITIONS_FILE)
 # Independent random streams derived from the one user seed.
 _POSITIONS_STREAM, _STATS_STREAM = 1, 2

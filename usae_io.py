@@ -1,17 +1,21 @@
-"""Durable files: the one atomic writer, directory fsync and the hashes of the project.
+"""Durable files: the one atomic writer, directory fsync, the hashes and the one-writer lock.
 
 Every file the project writes (checkpoints, caches, converted weights, metrics) goes through
 :func:`atomic_write`, so a crash at any moment leaves the old file or the new one, never half of
-one. This module imports nothing of the project.
+one; :func:`exclusive` keeps a second, unrelated process out of a cache or checkpoint that one
+is writing. This module imports nothing of the project.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import socket
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 
 def file_mode() -> int:
@@ -94,3 +98,86 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# One writer at a time
+
+
+class BusyError(RuntimeError):
+    """Another live process holds the lock of what this one was about to write."""
+
+
+def _process_start(pid: int) -> str | None:
+    """When ``pid`` started (clock ticks since boot, Linux), to tell it from a later process
+    that reused its number; None where unknown."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _running(holder: dict) -> bool:
+    """Whether the process recorded in a lock still runs (assumed, on another host)."""
+    if holder.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, KeyError, TypeError, ValueError):
+        return True
+    start = _process_start(int(holder["pid"]))
+    return start is None or holder.get("process_start") in (None, start)
+
+
+@contextlib.contextmanager
+def exclusive(lock: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold the lock file ``lock`` while ``what`` (e.g. "building the activation cache") runs.
+
+    A second process asking for the same lock gets a :class:`BusyError` naming the holder (pid,
+    host, start time) and what to do; the ranks of one ``torchrun`` job (the same
+    ``TORCHELASTIC_RUN_ID``) and the holder itself share it. A lock whose process no longer runs
+    (killed) is taken over, so that a resume is never blocked.
+    """
+    lock = Path(lock)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "what": what,
+          "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+          "process_start": _process_start(os.getpid()),
+          "job": os.environ.get("TORCHELASTIC_RUN_ID")}
+    for attempt in range(50):
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, file_mode())
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text(encoding="utf-8"))
+            except (OSError, ValueError):  # being written this instant, or left half-written
+                time.sleep(0.1)
+                if attempt >= 10:
+                    lock.unlink(missing_ok=True)
+                continue
+            ours = (holder.get("host"), holder.get("pid")) == (me["host"], me["pid"])
+            if ours or (me["job"] is not None and holder.get("job") == me["job"]):
+                yield  # already held by this process or its job: the first holder releases it
+                return
+            if _running(holder):
+                raise BusyError(
+                    f"{lock.parent} is in use: process {holder.get('pid')} on "
+                    f"{holder.get('host')} has been {holder.get('what')} since "
+                    f"{holder.get('started')}. Wait for it to finish or stop it; if no such "
+                    f"process runs any more, delete {lock}.") from None
+            lock.unlink(missing_ok=True)  # left by a process that was killed: take it over
+            continue
+        except OSError as error:
+            raise writable_error(lock, error) from error
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(me, handle)
+        break
+    else:
+        raise BusyError(f"could not take the lock {lock}; delete it if no process uses "
+                        f"{lock.parent}.")
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)

@@ -23,6 +23,7 @@ import usae_loader
 from conftest import (BAD, ROOT, build_pair, coded_image, copy_of, fail_on, fake_pair,
                       folder_bytes, kill_when, lines, run_to_end, truncate)
 from test_images import SEEDS, odd_files
+from test_io import holder
 from usae_cache_files import CacheMismatchError
 from usae_cache_verify import CorruptCacheError
 
@@ -323,6 +324,23 @@ if mode == "slow-finalize":  # stretch the final hashing so that a kill can land
 uc.build_cache([Slow("alpha", 8, 1), Slow("beta", 12, 2)], images, out, batch_size=2,
                tokens_per_image=60, progress=False, workers=1)
 """
+
+
+def test_a_second_builder_of_the_same_cache_is_refused_and_nothing_changes(images, reference,
+                                                                          tmp_path):
+    """Two processes on one cache (a notebook while run_all.sh runs): the second gets a clear
+    refusal naming the first, the first's files stay untouched, and its kill blocks nothing."""
+    out = tmp_path / "cache"
+    process = holder(out / usae_cache_files.LOCK_FILE)
+    try:
+        with pytest.raises(usae_io.BusyError, match=f"process {process.pid} on .* since"):
+            build_pair(images, out)
+        assert [p.name for p in out.iterdir()] == [usae_cache_files.LOCK_FILE]
+    finally:
+        process.kill()
+        process.wait()
+    build_pair(images, out)
+    assert read_bytes(out) == read_bytes(reference)
 
 
 def test_killed_extraction_resumes_byte_identical(images, reference, tmp_path):

@@ -1,7 +1,12 @@
-"""Tests of usae_io: the one atomic writer and the hashes."""
+"""Tests of usae_io: the one atomic writer, the hashes and the one-writer lock."""
 import errno
 import hashlib
+import json
 import os
+import signal
+import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -72,3 +77,83 @@ def test_sha256_file_reads_in_blocks(tmp_path):
     data = os.urandom(3 * (1 << 20) + 17)
     path.write_bytes(data)
     assert usae_io.sha256_file(path) == hashlib.sha256(data).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# One writer at a time
+
+HOLD = """
+import sys, time
+sys.path.insert(0, {root!r})
+import usae_io
+with usae_io.exclusive({lock!r}, "holding the lock for a test"):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def holder(lock, env=None):
+    """A second process that takes ``lock`` and keeps it until killed."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    process = subprocess.Popen([sys.executable, "-c", HOLD.format(root=root, lock=str(lock))],
+                               stdout=subprocess.PIPE, text=True, env=env)
+    assert process.stdout.readline().strip() == "held"
+    return process
+
+
+def test_a_second_process_is_refused_with_the_holder_named_and_a_killed_one_is_taken_over(
+        tmp_path):
+    lock = tmp_path / "cache" / ".lock"
+    process = holder(lock)
+    try:
+        with pytest.raises(usae_io.BusyError, match=f"process {process.pid} on "
+                                                    f"{socket.gethostname()} has been holding"):
+            with usae_io.exclusive(lock, "a second writer"):
+                pass
+        assert json.loads(lock.read_text())["pid"] == process.pid  # the holder keeps it
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert lock.exists()  # a SIGKILL leaves the lock behind ...
+    with usae_io.exclusive(lock, "resuming"):  # ... and it does not block a resume
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert not lock.exists()
+
+
+def test_the_ranks_of_one_torchrun_job_share_the_lock(tmp_path):
+    lock = tmp_path / ".lock"
+    process = holder(lock, env={**os.environ, "TORCHELASTIC_RUN_ID": "job-7"})
+    try:
+        os.environ["TORCHELASTIC_RUN_ID"] = "job-7"
+        with usae_io.exclusive(lock, "rank 1"):
+            pass
+        assert lock.exists()  # still the first holder's
+        os.environ["TORCHELASTIC_RUN_ID"] = "job-8"
+        with pytest.raises(usae_io.BusyError):
+            with usae_io.exclusive(lock, "another job"):
+                pass
+    finally:
+        os.environ.pop("TORCHELASTIC_RUN_ID", None)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+
+def test_the_lock_is_reentrant_and_released_on_error(tmp_path):
+    lock = tmp_path / ".lock"
+    with pytest.raises(KeyError):
+        with usae_io.exclusive(lock, "outer"):
+            with usae_io.exclusive(lock, "inner"):  # the same process: no deadlock
+                pass
+            assert lock.exists()  # the inner one does not release the outer one's lock
+            raise KeyError("boom")
+    assert not lock.exists()
+
+
+def test_a_lock_of_a_process_that_no_longer_runs_is_taken_over(tmp_path):
+    lock = tmp_path / ".lock"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    lock.write_text(json.dumps({"pid": int(dead), "host": socket.gethostname(),
+                                "what": "building", "started": "earlier"}))
+    with usae_io.exclusive(lock, "resuming"):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
