@@ -75,7 +75,7 @@ EXPERIMENT_CASES = [
     ({"backbones": ["dinov2_imgfocus", "resnet_from_nowhere"]}, "unknown backbone"),
     ({"backbones": "dinov2_imgfocus"}, "backbones must be a list"),
     ({"backbones": ["dinov2_imgfocus"]}, "at least two distinct models"),
-    ({"device": "tpu"}, "device must be 'cpu' or 'cuda"),
+    ({"device": "tpu"}, "device must be cpu or cuda"),
     ({"epochs": float("nan")}, "epochs must be a positive number"),
     ({"epochs": True}, "epochs must be a positive number"),
     ({"lr": -1e-3}, "lr must be a positive number"),
@@ -87,6 +87,8 @@ EXPERIMENT_CASES = [
     ({"images": "{empty}"}, "no image found"),
     ({"images": 5}, "images must be a folder path"),
     ({"out": "{file}"}, "exists and is not a folder"),
+    ({"figures": "{file}"}, "the figure folder .* exists and is not a folder"),
+    ({"figures": 5}, "figures must be a folder path"),
     ({"preset": "paper"}, "needs --images"),
 ]
 
