@@ -516,9 +516,10 @@ class Run(NamedTuple):
     source: str  # one line naming the models and images behind every figure
 
 
-def open_run(**params: Any) -> Run:
-    """The experiment of ``params``, its caches and its trained USAE (notebook 00's output)."""
-    exp = Experiment(**params)
+def open_run(experiment: Mapping[str, Any]) -> Run:
+    """The :class:`Experiment` of ``experiment`` (its fields; ``{}``: the default run), its
+    caches and its trained USAE (notebook 00's output): every analysis notebook's set-up."""
+    exp = Experiment(**experiment)
     caches = open_caches(exp)
     model = load_usae(exp)
     source = (f"USAE over {exp.backbones} ({exp.preset} preset), n={model.n_concepts}, "
