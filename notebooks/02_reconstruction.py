@@ -27,13 +27,9 @@
 #   most SAE libraries report.
 
 # %% tags=["parameters"]
-preset = "offline"  # offline | paper | synthetic
-out = "../results/offline"  # caches, checkpoints, codes, metrics.json
-figures = "../figures"  # where the PNG figures go
-images = None  # a training image folder (offline) or the ImageNet root (paper)
-quick = False  # small sizes (CI)
-device = "cpu"
-seed = 0
+# The fields of usae_pipeline.Experiment to change, e.g. {"preset": "synthetic", "quick": True};
+# {} is the default run (results/offline, figures/). run_all.sh passes them all.
+experiment = {}
 
 # %%
 import sys
@@ -45,8 +41,7 @@ import usae_analysis as analysis
 import usae_figures as figs
 import usae_pipeline as pipeline
 
-exp, caches, model, source = pipeline.open_run(preset=preset, out=out, images=images,
-                                               quick=quick, device=device, seed=seed)
+exp, caches, model, source = pipeline.open_run(experiment)
 
 # %%
 val = pipeline.encoded_split(exp, model, caches, "val")
@@ -55,12 +50,12 @@ untrained = pipeline.untrained_reconstruction(exp, model, caches, "val")
 fig = figs.r2_matrix(val.reconstruction.r2_paper, names, title="Cross-model R² (paper form)",
                      baseline=untrained.r2_paper,
                      caption=source + "; under each value: the same USAE before training.")
-figs.save(fig, figures, "fig5_cross_model_r2")
+figs.save(fig, exp.figures, "fig5_cross_model_r2")
 fig = figs.r2_matrix(val.reconstruction.r2_per_dim, names,
                      title="Cross-model R² (per-dimension explained variance)",
                      baseline=untrained.r2_per_dim,
                      caption=source + "; under each value: the same USAE before training.")
-figs.save(fig, figures, "fig5_cross_model_r2_per_dim")
+figs.save(fig, exp.figures, "fig5_cross_model_r2_per_dim")
 print("R² paper form (rows: source, columns: target)")
 for name, row in zip(names, val.reconstruction.r2_paper):
     print(f"  {name:24s}", "  ".join(f"{v:6.3f}" for v in row))
@@ -80,7 +75,7 @@ fig = figs.reconstruction_table(rows, header, title="Self-reconstruction (Table 
                                 caption=source + ". Paper rows: its DINOv2/SigLIP/ViT USAE on "
                                 "ImageNet, DTD and CelebA; ours on the stand-ins (faces for "
                                 "CelebA, textures for DTD).")
-figs.save(fig, figures, "table1_reconstruction")
+figs.save(fig, exp.figures, "table1_reconstruction")
 for row in rows:
     print(row)
 

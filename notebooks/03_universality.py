@@ -23,13 +23,9 @@
 # models). Important concepts (by **energy**, the mean code) co-fire more.
 
 # %% tags=["parameters"]
-preset = "offline"  # offline | paper | synthetic
-out = "../results/offline"  # caches, checkpoints, codes, metrics.json
-figures = "../figures"  # where the PNG figures go
-images = None  # a training image folder (offline) or the ImageNet root (paper)
-quick = False  # small sizes (CI)
-device = "cpu"
-seed = 0
+# The fields of usae_pipeline.Experiment to change, e.g. {"preset": "synthetic", "quick": True};
+# {} is the default run (results/offline, figures/). run_all.sh passes them all.
+experiment = {}
 
 # %%
 import sys
@@ -41,15 +37,14 @@ import usae_analysis as analysis
 import usae_figures as figs
 import usae_pipeline as pipeline
 
-exp, caches, model, source = pipeline.open_run(preset=preset, out=out, images=images,
-                                               quick=quick, device=device, seed=seed)
+exp, caches, model, source = pipeline.open_run(experiment)
 
 # %%
 val = pipeline.encoded_split(exp, model, caches, "val")
 stats = analysis.concept_statistics(val.codes)
 summary = analysis.universality(stats, analysis.dictionary_norms(model))
 fig = figs.firing_entropy_histogram(summary["firing_entropy"], len(model.names), caption=source)
-figs.save(fig, figures, "fig6a_firing_entropy")
+figs.save(fig, exp.figures, "fig6a_firing_entropy")
 print("dead concepts:", summary["dead_fraction"])
 
 # %%
@@ -62,14 +57,14 @@ fig = figs.cofire_proportion_curves({name: proportion[i, top].numpy()
                                     chance={name: chance[i, top].numpy()
                                             for i, name in enumerate(model.names)},
                                     caption=source + f"; the top {len(top)} concepts by energy.")
-figs.save(fig, figures, "fig6b_cofire_proportion")
+figs.save(fig, exp.figures, "fig6b_cofire_proportion")
 print("mean co-fire proportion over the top concepts:", summary["cofire_proportion_top1000"])
 print("its chance level (independent firing):", summary["cofire_proportion_top1000_chance"])
 
 # %%
 fig = figs.energy_vs_cofires(stats.cofires.numpy(), aggregate.numpy() / len(model.names),
                              summary["energy_vs_cofire"], caption=source)
-figs.save(fig, figures, "fig6c_energy_vs_cofire")
+figs.save(fig, exp.figures, "fig6c_energy_vs_cofire")
 print(summary["energy_vs_cofire"])
 
 # %%

@@ -24,13 +24,9 @@
 # does not define it; see usae-spec.md 5.5).
 
 # %% tags=["parameters"]
-preset = "offline"  # offline | paper | synthetic
-out = "../results/offline"  # caches, checkpoints, codes, metrics.json
-figures = "../figures"  # where the PNG figures go
-images = None  # a training image folder (offline) or the ImageNet root (paper)
-quick = False  # small sizes (CI)
-device = "cpu"
-seed = 0
+# The fields of usae_pipeline.Experiment to change, e.g. {"preset": "synthetic", "quick": True};
+# {} is the default run (results/offline, figures/). run_all.sh passes them all.
+experiment = {}
 
 # %%
 import sys
@@ -42,9 +38,8 @@ import usae_analysis as analysis
 import usae_figures as figs
 import usae_pipeline as pipeline
 
-exp, caches, model, source = pipeline.open_run(preset=preset, out=out, images=images,
-                                               quick=quick, device=device, seed=seed)
-
+exp, caches, model, source = pipeline.open_run(experiment)
+figures = exp.figures
 saes = pipeline.load_independent(exp)
 
 # %%

@@ -24,13 +24,9 @@
 # model's "style".
 
 # %% tags=["parameters"]
-preset = "offline"  # offline | paper | synthetic
-out = "../results/offline"  # caches, checkpoints, codes, metrics.json
-figures = "../figures"  # where the PNG figures go
-images = None  # a training image folder (offline) or the ImageNet root (paper)
-quick = False  # small sizes (CI)
-device = "cpu"
-seed = 0
+# The fields of usae_pipeline.Experiment to change, e.g. {"preset": "synthetic", "quick": True};
+# {} is the default run (results/offline, figures/). run_all.sh passes them all.
+experiment = {}
 
 # %%
 import sys
@@ -38,16 +34,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path.cwd().parent))  # the repository root, where the modules live
 
-import usae_analysis as analysis
-import usae_figures as figs
-import usae_pipeline as pipeline
-
-exp, caches, model, source = pipeline.open_run(preset=preset, out=out, images=images,
-                                               quick=quick, device=device, seed=seed)
-
 import matplotlib.pyplot as plt
 import usae_actmax as actmax
+import usae_analysis as analysis
+import usae_figures as figs
 import usae_images
+import usae_pipeline as pipeline
+
+exp, caches, model, source = pipeline.open_run(experiment)
+figures, quick = exp.figures, exp.quick
 
 # %%
 backbones = pipeline.load_backbones(exp) if exp.preset != "synthetic" else {}

@@ -22,13 +22,9 @@
 # the explorer lets you browse every concept across models side by side.
 
 # %% tags=["parameters"]
-preset = "offline"  # offline | paper | synthetic
-out = "../results/offline"  # caches, checkpoints, codes, metrics.json
-figures = "../figures"  # where the PNG figures go
-images = None  # a training image folder (offline) or the ImageNet root (paper)
-quick = False  # small sizes (CI)
-device = "cpu"
-seed = 0
+# The fields of usae_pipeline.Experiment to change, e.g. {"preset": "synthetic", "quick": True};
+# {} is the default run (results/offline, figures/). run_all.sh passes them all.
+experiment = {}
 
 # %%
 import sys
@@ -37,13 +33,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path.cwd().parent))  # the repository root, where the modules live
 
 import usae_analysis as analysis
+import usae_explorer as explorer_lib
 import usae_figures as figs
 import usae_pipeline as pipeline
 
-exp, caches, model, source = pipeline.open_run(preset=preset, out=out, images=images,
-                                               quick=quick, device=device, seed=seed)
-
-import usae_explorer as explorer_lib
+exp, caches, model, source = pipeline.open_run(experiment)
 
 # %%
 val = pipeline.encoded_split(exp, model, caches, "val")
@@ -64,7 +58,7 @@ if exp.preset == "synthetic":
 elif shown:
     fig = explorer.concept_figure(shown)
     figs.add_caption(fig, source + "; one model-unique concept per model (most fired first).")
-    figs.save(fig, figures, "fig11_12_model_unique_concepts")
+    figs.save(fig, exp.figures, "fig11_12_model_unique_concepts")
 else:
     print("No concept fires in one model only at this size.")
 
@@ -77,6 +71,8 @@ else:
 # shows the first concept when the notebook is read without a live kernel.
 
 # %%
+from IPython.display import display
+
 if exp.preset != "synthetic":
-    figs.save(explorer.static_view(), figures, "explorer_static_view")
+    figs.save(explorer.static_view(), exp.figures, "explorer_static_view")
     display(explorer.widget())
