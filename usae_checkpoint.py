@@ -1,25 +1,33 @@
-"""Checkpoints of a USAE, and training that checks its input and resumes.
+"""Checkpoints of a USAE, training that checks its input and resumes, and the authors' release.
 
 A checkpoint is **one safetensors file**: the JSON configuration (names, widths, n, k,
 standardisation and, for training runs, the options, step, seed, history and optimizer
 hyper-parameters) in its header, the weights and, for training runs, the optimizer and generator
-state in its tensors, and a sha256 of both. Nothing is ever loaded with pickle; writes are
+state in its tensors, and a sha256 of both. No file of ours uses pickle; writes are
 atomic (``usae_io``). :func:`train`, the entry point of training, is ``usae_core.train`` with
 its arguments and batches checked, a ``usae_monitor`` history and checkpoints: killed at any
 moment and run again, it ends with the same tensors as an uninterrupted run.
+
+:func:`save` to a folder shares a model as model hubs expect (``model.safetensors``,
+``config.json``, a ``README.md`` card). :func:`import_official` reads the authors' released
+USAE (a YAML and one ``.pth`` per model, weights-only: no code in them can run); ``python
+usae_checkpoint.py import CONFIG_YAML --out PATH`` converts it once.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import itertools
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 import torch
+import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -30,6 +38,9 @@ import usae_io
 import usae_monitor
 
 FORMAT = "usae-checkpoint/1"
+# A shared folder: the names model hubs look for (huggingface_hub's own mixins use the same).
+WEIGHTS_NAME, CONFIG_NAME, CARD_NAME, METRICS_NAME = (
+    "model.safetensors", "config.json", "README.md", "metrics.json")
 # How an optimizer computes its update (not what it computes): taken from the running process.
 _IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable")
 
@@ -65,12 +76,18 @@ def _trainer_state(trainer: core.Trainer) -> tuple[dict, dict[str, Tensor]]:
     return meta, tensors
 
 
+def _header(model: core.USAE) -> dict:
+    """The configuration of ``model`` as stored in a checkpoint's header (and a folder's
+    ``config.json``)."""
+    return {"format": FORMAT, "library_version": core.__version__,
+            "torch_version": torch.__version__, "model": model.config(),
+            "standardization": {n: {"mean": m, "std": s}
+                                for n, (m, s) in model.standardization().items()},
+            "standardization_fitted": bool(model.standardization_fitted)}
+
+
 def _write(model: core.USAE, path: Path, trainer: core.Trainer | None = None) -> None:
-    header = {"format": FORMAT, "library_version": core.__version__,
-              "torch_version": torch.__version__, "model": model.config(),
-              "standardization": {n: {"mean": m, "std": s}
-                                  for n, (m, s) in model.standardization().items()},
-              "standardization_fitted": bool(model.standardization_fitted)}
+    header = _header(model)
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     if trainer is not None:
         header["training"], trainer_tensors = _trainer_state(trainer)
@@ -81,23 +98,52 @@ def _write(model: core.USAE, path: Path, trainer: core.Trainer | None = None) ->
                                                      metadata={"usae": json.dumps(header)}))
 
 
-def save(model: core.USAE, path: str | os.PathLike) -> None:
-    """Write ``model`` to one safetensors file whose header holds its JSON configuration."""
-    _write(model, Path(path))
+def save(model: core.USAE, path: str | os.PathLike, *,
+         metrics: Mapping[str, Any] | None = None) -> None:
+    """Write ``model`` to one safetensors file, or to a folder to share it.
+
+    Parameters
+    ----------
+    model : usae_core.USAE
+    path : path
+        A ``.safetensors`` file; any other path (or an existing directory) is a folder that
+        gets ``model.safetensors``, ``config.json`` and a ``README.md`` model card, ready for
+        ``huggingface-cli upload``. :func:`load` reads either.
+    metrics : mapping, optional
+        Folders only: the run's numbers (e.g. ``metrics.json`` of ``usae_analysis``), written as
+        ``metrics.json`` and summarised in the card. Without it the card summarises a
+        ``metrics.json`` already in the folder.
+    """
+    path = Path(path)
+    if path.is_dir() or path.suffix != ".safetensors":
+        _write_folder(model, path, metrics)
+    elif metrics is not None:
+        raise ValueError(f"metrics go into a folder's model card, and {path} is a single file: "
+                         "pass a folder path (without the .safetensors suffix), or no metrics.")
+    else:
+        _write(model, path)
+
+
+def _weights_file(path: Path) -> Path:
+    """The safetensors file of a checkpoint given as that file or as a shared folder."""
+    return path / WEIGHTS_NAME if path.is_dir() else path
 
 
 def read_header(path: str | os.PathLike) -> dict:
     """The JSON configuration stored in a checkpoint (model, standardisation, training)."""
-    path = Path(path)
+    path = _weights_file(Path(path))
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}.")
+        raise CheckpointError(f"no checkpoint at {path}; pass a .safetensors file or a folder "
+                              f"written by usae_checkpoint.save (it holds {WEIGHTS_NAME}).")
     try:
         with safe_open(path, framework="pt") as handle:
             header = json.loads((handle.metadata() or {})["usae"])
     except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as error:
+        hint = " The authors' .pth files are read with usae_checkpoint.import_official." \
+            if path.suffix in (".pth", ".pt") else ""
         raise CheckpointError(f"{path} is not a readable USAE checkpoint ({error}); it may be "
                               "truncated or from another program: train again or restore "
-                              "it from a copy.") from error
+                              f"it from a copy.{hint}") from error
     if header.get("format") != FORMAT:
         raise CheckpointError(f"{path} has format {header.get('format')!r}, this library reads "
                               f"{FORMAT!r}.")
@@ -136,8 +182,9 @@ def _load_model_state(model: core.USAE, header: dict, tensors: Mapping[str, Tens
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> core.USAE:
-    """Read a model written by :func:`save` or by training; returns it in eval mode."""
-    path = Path(path)
+    """Read a model written by :func:`save` (a file or a folder) or by training; returns it in
+    eval mode."""
+    path = _weights_file(Path(path))
     header, tensors = _read(path)
     config = header["model"]
     checks.check_usae(config["dims"], config["n_concepts"], config["k"])
@@ -261,3 +308,293 @@ def train(model: core.USAE, batches: Iterable[Mapping[str, Tensor]], steps: int,
     if path is not None:
         _write(model, path, trainer)
     return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Folders to share: model.safetensors (the single-file checkpoint), config.json and a model card.
+
+
+def _write_folder(model: core.USAE, folder: Path, metrics: Mapping[str, Any] | None) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} is a file, but a path without the .safetensors suffix names "
+                         "a folder: name the file *.safetensors, or choose a folder path.")
+    if metrics is not None:
+        try:  # numpy and 0-d torch scalars become numbers (.item()); anything else is refused
+            if not isinstance(metrics, Mapping):
+                raise TypeError(f"got a {type(metrics).__name__}")
+            text = json.dumps(metrics, indent=1, sort_keys=True, default=lambda v: v.item())
+        except (TypeError, AttributeError, ValueError, RuntimeError) as error:
+            raise ValueError("metrics must be a mapping of numbers, strings, lists and mappings, "
+                             f"e.g. the content of metrics.json ({error}).") from error
+        metrics = json.loads(text)
+    _write(model, folder / WEIGHTS_NAME)
+    config = _header(model)
+    usae_io.atomic_write(folder / CONFIG_NAME, json.dumps(config, indent=1) + "\n")
+    if metrics is not None:
+        usae_io.atomic_write(folder / METRICS_NAME, text + "\n")
+    elif (folder / METRICS_NAME).is_file():  # left by the run (usae_analysis.write_metrics)
+        try:
+            metrics = json.loads((folder / METRICS_NAME).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            metrics = None  # the card is written without numbers rather than not at all
+    usae_io.atomic_write(folder / CARD_NAME, _model_card(config, metrics))
+
+
+def _headline(metrics: Any, limit: int = 40) -> list[tuple[str, str]]:
+    """(name, value) rows of the numbers and strings of ``metrics`` up to two levels deep, and of
+    its short lists of numbers (one per model); longer lists stay in metrics.json."""
+    rows: list[tuple[str, str]] = []
+
+    def visit(prefix: str, value: Any, depth: int) -> None:
+        numbers = isinstance(value, list) and 0 < len(value) <= 8 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        if isinstance(value, Mapping) and depth < 2:
+            for key, item in value.items():
+                visit(f"{prefix}.{key}" if prefix else str(key), item, depth + 1)
+        elif isinstance(value, (int, float, str)) and not isinstance(value, bool) or numbers:
+            rows.append((prefix, ", ".join(f"{v:.4g}" if isinstance(v, float) else str(v)
+                                           for v in (value if numbers else [value]))))
+
+    visit("", metrics if isinstance(metrics, Mapping) else {}, 0)
+    return rows[:limit] + [("…", f"{len(rows) - limit} more in {METRICS_NAME}")] * (
+        len(rows) > limit)
+
+
+def _model_card(config: Mapping[str, Any], metrics: Any = None) -> str:
+    """A README.md for a shared folder: what the model is, its files, how to load it."""
+    model, stats = config["model"], config["standardization"]
+    names = list(model["dims"])
+    table = "\n".join(f"| `{name}` | {width} | {stats[name]['mean']:.6g} | "
+                      f"{stats[name]['std']:.6g} |" for name, width in model["dims"].items())
+    target = names[1] if len(names) > 1 else names[0]
+    card = f"""---
+library_name: usae
+tags: [sparse-autoencoder, universal-sparse-autoencoder, interpretability]
+---
+
+# USAE over {", ".join(names)}
+
+A Universal Sparse Autoencoder (Thasarathan et al., ICML 2025, arXiv:2502.03714): an encoder
+(Linear, BatchNorm, ReLU, per-token TopK) and a unit-norm dictionary per model around
+**{model["n_concepts"]} shared concepts**, **k = {model["k"]}** kept per token. Activations are
+standardised inside the model by one scalar mean and std per model.
+
+| model | width d | mean | std |
+|---|---|---|---|
+{table}
+
+## Load it
+
+With the USAE reference implementation (library version {config["library_version"]}):
+
+```python
+import usae_checkpoint
+
+model = usae_checkpoint.load("path/to/this/folder")  # e.g. after huggingface-cli download
+codes = model.encode("{names[0]}", acts)  # raw activations (tokens, d) -> codes (tokens, n)
+recon = model.decode("{target}", codes)  # the same concepts in {target}'s space
+```
+
+## Files
+
+- `{WEIGHTS_NAME}`: the weights, with `{CONFIG_NAME}` in its header and a sha256 (no pickle).
+- `{CONFIG_NAME}`: the configuration, for reading without the library.
+"""
+    rows = _headline(metrics)
+    if rows:
+        card += f"- `{METRICS_NAME}`: every number of the run.\n\n## The run's numbers\n\n" \
+            "| metric | value |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
+    return card
+
+
+# ----------------------------------------------------------------------------------------------
+# The authors' release: checkpoints/config_dino_siglip_vit.yaml and uni_<model>_checkpoint_29.pth,
+# one training checkpoint of overcomplete's TopKSAE (encoder_module "mlp_bn_1") per model.
+
+# Their state-dict keys -> ours within a ModelPair: final_block is Linear(d, n), BatchNorm1d(n).
+OFFICIAL_KEYS = {"encoder.final_block.0.weight": "linear.weight",
+                 "encoder.final_block.0.bias": "linear.bias",
+                 "encoder.final_block.1.weight": "batch_norm.weight",
+                 "encoder.final_block.1.bias": "batch_norm.bias",
+                 "encoder.final_block.1.running_mean": "batch_norm.running_mean",
+                 "encoder.final_block.1.running_var": "batch_norm.running_var",
+                 "encoder.final_block.1.num_batches_tracked": "batch_norm.num_batches_tracked",
+                 "dictionary._weights": "raw_dictionary"}
+_RELEASE = "the authors' checkpoints/config_dino_siglip_vit.yaml"
+
+
+def _number(section: Mapping, key: str, where: str, source: Path, *, integer: bool = False,
+            positive: bool = True) -> float:
+    """``section[key]``, checked: a finite number or an integer, > 0 when ``positive``."""
+    value = section.get(key)
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) \
+            or not math.isfinite(value) or (positive and value <= 0):
+        kind = f"{'a positive' if positive else 'a finite'} {'integer' if integer else 'number'}"
+        raise CheckpointError(f"{source}: {where}.{key} is {value!r}, but must be {kind}; "
+                              f"fix it as in {_RELEASE}.")
+    return value
+
+
+def _official_config(path: Path) -> tuple[dict[str, int], int, int, dict, dict[str, str]]:
+    """dims, n, k, standardisation and checkpoint paths (as written) of a released YAML."""
+    if not path.is_file():
+        raise CheckpointError(f"no YAML configuration at {path}: pass {_RELEASE}.")
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as error:
+        raise CheckpointError(f"{path} is not readable YAML ({error}): pass {_RELEASE}.") from error
+    zoo = config.get("model_zoo") if isinstance(config, dict) else None
+    if not isinstance(zoo, dict) or not zoo or not all(isinstance(e, dict) for e in zoo.values()):
+        raise CheckpointError(f"{path} is not a configuration of the authors' release: it must be "
+                              "a mapping whose 'model_zoo' maps each model name to its "
+                              "input_shape, model_mean, model_std and checkpoint_path; pass "
+                              f"{_RELEASE}.")
+    sections = {key: config.get(key) or {} for key in ("global", "sae_params")}
+    if not all(isinstance(section, dict) for section in sections.values()):
+        raise CheckpointError(f"{path}: 'global' and 'sae_params' must be mappings, as in "
+                              f"{_RELEASE}.")
+    settings, sae = sections["global"], sections["sae_params"]
+    # What this library's USAE cannot compute is refused, not approximated.
+    for where, key, released in (("sae_params", "encoder_module", "mlp_bn_1"),
+                                 ("sae_params", "dictionary_normalization", "l2"),
+                                 ("global", "standardize", True), ("global", "divide_norm", False)):
+        value = sections[where].get(key, released)
+        if value != released:
+            raise CheckpointError(f"{path}: {where}.{key} is {value!r}; this library computes "
+                                  f"only the released USAE ({key}: {released}).")
+    k = _number(sae, "top_k", "sae_params", path, integer=True)
+    if "nb_components" in settings:
+        n = _number(settings, "nb_components", "global", path, integer=True)
+    else:  # as overcomplete's load_model_zoo
+        n = int(_number(settings, "exp_factor", "global", path)
+                * _number(settings, "input_shape", "global", path, integer=True))
+    dims, stats, files = {}, {}, {}
+    for name, entry in zoo.items():
+        where = f"model_zoo.{name}"
+        dims[name] = _number(entry, "input_shape", where, path, integer=True)
+        if "model_mean" not in entry or "model_std" not in entry:
+            raise CheckpointError(f"{path}: {where} has no model_mean / model_std, the scalar "
+                                  "standardisation of the released model (the release's SigLIP: "
+                                  f"-0.030537348 / 2.231515408); add them as in {_RELEASE}.")
+        stats[name] = (float(_number(entry, "model_mean", where, path, positive=False)),
+                       float(_number(entry, "model_std", where, path)))
+        if not isinstance(entry.get("checkpoint_path"), str):
+            raise CheckpointError(f"{path}: {where} has no checkpoint_path; add the file name, "
+                                  f"e.g. checkpoint_path: uni_{name}_checkpoint_29.pth.")
+        files[name] = entry["checkpoint_path"]
+    try:
+        checks.check_usae(dims, n, k)
+    except ValueError as error:
+        raise CheckpointError(f"{path}: {error}") from error
+    return dims, n, k, stats, files
+
+
+def _official_file(written: str, name: str, config: Path, folder: Path | None) -> Path:
+    """The checkpoint of ``name``: its file name in ``folder``; else the path as written, relative
+    to the YAML or not, or its name beside the YAML (the release's YAML has the authors' paths)."""
+    written_path = Path(written).expanduser()
+    candidates = [folder / written_path.name] if folder is not None else \
+        [config.parent / written_path, written_path, config.parent / written_path.name]
+    for candidate in dict.fromkeys(candidates):
+        if candidate.is_file():
+            return candidate
+    raise CheckpointError(f"the checkpoint of {name} ({written}) is not at any of "
+                          f"{[str(c) for c in dict.fromkeys(candidates)]}: download the "
+                          "release's .pth files into one folder and pass it as "
+                          "checkpoint_folder (command line: --checkpoints DIR), or fix "
+                          f"model_zoo.{name}.checkpoint_path in {config}.")
+
+
+def _official_state(path: Path, expected: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The released state dict in ``path``, checked against ``expected`` (key -> tensor)."""
+    try:
+        # weights_only: torch's restricted unpickler builds tensors and plain containers only
+        # and refuses anything else, so code planted in the pickle is never run.
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # damaged or foreign files raise anything from EOFError to KeyError
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [""]
+        # torch's refusal of a pickled object says which one in its "WeightsUnpickler error" line
+        reason = next((x for x in lines if "Unpickler error" in x), lines[0]).split(". Please")[0]
+        raise CheckpointError(f"{path} cannot be read as a weights-only PyTorch checkpoint "
+                              f"({type(error).__name__}: {reason[:200]}); it is truncated, not a "
+                              "PyTorch file, or holds objects other than tensors (never run "
+                              "here): download it again from the authors' release.") from error
+    state = content.get("model_state_dict", content) if isinstance(content, dict) else content
+    if not isinstance(state, dict) or set(state) != set(OFFICIAL_KEYS):
+        found = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path} holds {found}, but a released model is a state dict (alone "
+                              "or as the 'model_state_dict' of a training checkpoint) with the "
+                              f"keys {list(OFFICIAL_KEYS)}: pass a uni_<model>_checkpoint_<epoch>"
+                              ".pth of the authors' release.")
+    for key, ours in OFFICIAL_KEYS.items():
+        value = state[key]
+        if not isinstance(value, Tensor) or value.shape != expected[ours].shape:
+            got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise CheckpointError(f"{path}: {key} is {got}, but the YAML's width and n make it "
+                                  f"{tuple(expected[ours].shape)}: the file belongs to another "
+                                  "model or run; fix the model's checkpoint_path or its "
+                                  "input_shape / nb_components in the YAML.")
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise CheckpointError(f"{path}: {key} holds NaN or inf; the file is damaged: "
+                                  "download it again.")
+    return state
+
+
+def import_official(config_yaml: str | os.PathLike,
+                    checkpoint_folder: str | os.PathLike | None = None) -> core.USAE:
+    """The authors' released USAE as a :class:`usae_core.USAE`, in eval mode on the CPU.
+
+    Its ``encode`` and ``decode`` compute what the released code computes (in fp32):
+    ``(a - mean) / (std + 1e-5)``, Linear, BatchNorm with its running statistics, ReLU,
+    per-token TopK, ``codes @ D`` with the rows of D normalised by ``(norm + 1e-8)``, then
+    un-standardised.
+
+    Parameters
+    ----------
+    config_yaml : path
+        The release's YAML (``checkpoints/config_dino_siglip_vit.yaml``): model names and widths
+        (``model_zoo``), their ``model_mean`` / ``model_std``, ``sae_params.top_k`` and
+        ``global.nb_components`` (or ``exp_factor`` x ``input_shape``).
+    checkpoint_folder : path, optional
+        Where the ``.pth`` files are (their file names in each ``checkpoint_path``). Default: each
+        ``checkpoint_path`` relative to the YAML's folder or as written, or its file name beside
+        the YAML.
+
+    A YAML or ``.pth`` that is missing, damaged, holds more than tensors, or disagrees with the
+    other raises :class:`CheckpointError`, naming the file and the fix.
+    """
+    config = Path(config_yaml).expanduser()
+    folder = None if checkpoint_folder is None else Path(checkpoint_folder).expanduser()
+    dims, n, k, stats, files = _official_config(config)
+    model = core.USAE(dims, n, k)
+    state = model.state_dict()
+    for name in dims:
+        ours = {key: state[f"pairs.{name}.{key}"] for key in OFFICIAL_KEYS.values()}
+        released = _official_state(_official_file(files[name], name, config, folder), ours)
+        for key, value in released.items():
+            state[f"pairs.{name}.{OFFICIAL_KEYS[key]}"] = value
+    model.load_state_dict(state, strict=True)
+    model.set_standardization(stats)  # scalar statistics, no channel centring (as released)
+    return model.eval()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Convert the authors' released USAE.")
+    command = parser.add_subparsers(dest="command", required=True).add_parser(
+        "import", help="the release's YAML and .pth files -> a checkpoint of this library")
+    command.add_argument("config", metavar="CONFIG_YAML", help="the release's YAML")
+    command.add_argument("--checkpoints", metavar="DIR", help="folder of the .pth files "
+                         "(default: the YAML's checkpoint_path entries, or beside the YAML)")
+    command.add_argument("--out", required=True, metavar="FILE_OR_FOLDER",
+                         help="a .safetensors file, or a folder to share")
+    args = parser.parse_args(argv)
+    try:
+        model = import_official(args.config, args.checkpoints)
+        save(model, args.out)
+    except (ValueError, OSError) as error:  # CheckpointError is a ValueError
+        sys.exit(f"error: {error}")
+    print(f"wrote {args.out}: {model.dims} (name: width), n={model.n_concepts}, k={model.k}")
+
+
+if __name__ == "__main__":
+    main()
