@@ -380,8 +380,8 @@ def train(model: USAE, batches: Iterable[Mapping[str, Tensor]], steps: int, seed
                 fitted = True
             batch = {n: model.standardize(n, t.to(device, torch.float32, non_blocking=True))
                      for n, t in batch.items()}
-            if trainer.step_count == 0:
-                trainer.initialise(batch)
+            if trainer.step_count == 0 and not trainer.initial_dictionaries:  # else done by
+                trainer.initialise(batch)  # the caller, e.g. from the global batch (DDP)
             output = trainer.step(batch)
             bar.update(1)
             if on_step is not None:
