@@ -14,6 +14,7 @@ moment and run again, it ends with the same tensors as an uninterrupted run.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -21,7 +22,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -256,7 +257,8 @@ def _checked_stream(model: core.USAE, batches: Iterable, start: int) -> Iterator
 
 def train(model: core.USAE, batches: Iterable[Mapping[str, Tensor]], steps: int, seed: int = 0,
           *, checkpoint_path: str | os.PathLike | None = None, checkpoint_every: int = 0,
-          resume: bool = True, **options: Any) -> core.TrainResult:
+          resume: bool = True, loop: Callable[..., core.TrainResult] = core.train,
+          **options: Any) -> core.TrainResult:
     """:func:`usae_core.train`, checked, monitored and resumable: the entry point of training.
 
     Arguments and every batch are checked before they are used; a
@@ -266,11 +268,17 @@ def train(model: core.USAE, batches: Iterable[Mapping[str, Tensor]], steps: int,
     ----------
     checkpoint_path : path, optional
         Where to write checkpoints. When it exists (and ``resume``), the run continues from it,
-        provided it was written with the same model, seed, steps and ``MATH_FIELDS``.
+        provided it was written with the same model, seed, steps and ``MATH_FIELDS``. The run
+        holds ``<checkpoint_path>.lock``: a second process training into the same file is
+        refused, naming the holder (``usae_io.exclusive``).
     checkpoint_every : int
         Steps between checkpoints (0: only at the end, and when a bad batch stops the run).
     resume : bool
         Continue from ``checkpoint_path`` when it exists (False: start afresh, overwrite it).
+    loop : callable
+        ``loop(model, batches, steps, trainer=..., on_step=...)`` runs the steps:
+        :func:`usae_core.train`, or ``usae_distributed.train`` on every rank of a torchrun job
+        (every rank resumes from the checkpoint; rank 0 writes it).
     """
     trainer = core.Trainer(model, checks.train_config(steps, seed, **options), steps, seed)
     if checkpoint_path is not None and not isinstance(checkpoint_path, (str, os.PathLike)):
@@ -281,29 +289,39 @@ def train(model: core.USAE, batches: Iterable[Mapping[str, Tensor]], steps: int,
     if not isinstance(resume, bool):
         raise ValueError(f"resume must be True or False, got {resume!r}.")
     path = None if checkpoint_path is None else Path(checkpoint_path)
-    if path is not None:
-        for stale in usae_io.stale_temporaries(path):  # left by a write that was killed
-            stale.unlink(missing_ok=True)
-        if resume and path.exists():
+    writes = path is not None and _rank() == 0
+    with contextlib.nullcontext() if path is None else usae_io.exclusive(
+            path.with_name(path.name + ".lock"), f"training into {path.name}"):
+        if writes:
+            for stale in usae_io.stale_temporaries(path):  # left by a write that was killed
+                stale.unlink(missing_ok=True)
+        if path is not None and resume and path.exists():
             _resume(trainer, path)
-    monitor = usae_monitor.TrainingMonitor()
+        monitor = usae_monitor.TrainingMonitor()
 
-    def after_step(trainer: core.Trainer, output: core.StepOutput) -> None:
-        monitor(trainer, output)
-        if path is not None and checkpoint_every and trainer.step_count % checkpoint_every == 0:
-            _write(model, path, trainer)
+        def after_step(trainer: core.Trainer, output: core.StepOutput) -> None:
+            monitor(trainer, output)
+            if writes and checkpoint_every and trainer.step_count % checkpoint_every == 0:
+                _write(model, path, trainer)
 
-    stream = _checked_stream(model, batches, trainer.step_count)
-    try:
-        result = core.train(model, stream, steps, trainer=trainer, on_step=after_step)
-    except (ValueError, TypeError):
-        # A bad batch is refused before it changes anything: keep the work done so far.
-        if path is not None and trainer.step_count > 0:
+        stream = _checked_stream(model, batches, trainer.step_count)
+        try:
+            result = loop(model, stream, steps, trainer=trainer, on_step=after_step)
+        except (ValueError, TypeError):
+            # A bad batch is refused before it changes anything: keep the work done so far.
+            if writes and trainer.step_count > 0:
+                _write(model, path, trainer)
+            raise
+        if writes:
             _write(model, path, trainer)
-        raise
-    if path is not None:
-        _write(model, path, trainer)
     return result
+
+
+def _rank() -> int:
+    """This process's rank in a torchrun job (0 without one): only rank 0 writes."""
+    distributed = torch.distributed
+    return distributed.get_rank() if distributed.is_available() and \
+        distributed.is_initialized() else 0
 
 
 # ----------------------------------------------------------------------------------------------

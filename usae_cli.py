@@ -21,6 +21,7 @@ import typing
 from pathlib import Path
 from typing import Any, Callable
 
+import usae_io
 from usae_pipeline import ROOT, Experiment
 
 PROG = "run_all.sh"
@@ -30,7 +31,8 @@ Usage: bash run_all.sh [options]
 
 Runs notebooks/00 ... 06 in order with papermill. Figures go to --figures as PNG files named after
 the paper figures they reproduce; the executed notebooks, caches, checkpoints, experiment.json and
-metrics.json go to --out. Stops with exit code 1 at the first failing notebook, 2 on a bad option.
+metrics.json go to --out. Stops with exit code 1 at the first failing notebook (or when another
+run writes into --out), 2 on a bad option.
 Options are the fields of usae_pipeline.Experiment (--opt VALUE or --opt=VALUE):
 """
 
@@ -180,7 +182,17 @@ def experiment_from(argv: list[str]) -> Experiment:
 
 
 def run_notebooks(exp: Experiment) -> int:
-    """Execute every notebook in order; 0 when all ran, 1 at the first failure."""
+    """Execute every notebook in order; 0 when all ran, 1 at the first failure or when another
+    process runs into the same output folder (it holds ``<out>/.lock``)."""
+    try:
+        with usae_io.exclusive(exp.folder / ".lock", f"running {PROG} into it"):
+            return _run_notebooks(exp)
+    except usae_io.BusyError as error:
+        print(f"{PROG}: {error}", file=sys.stderr)
+        return 1
+
+
+def _run_notebooks(exp: Experiment) -> int:
     import jupytext
     import nbformat
     import papermill

@@ -20,9 +20,8 @@ refused. Every rank must be given the *same* global batches: this module slices 
 Usage (``torchrun --nproc_per_node N script.py``; plain ``python script.py`` runs one process)::
 
     ctx = usae_distributed.init()            # gloo on CPU, nccl on CUDA, from torchrun's env
-    result = usae_distributed.train(model, global_batches, steps, seed=0, device=ctx.device)
-    if ctx.rank == 0:                        # one writer
-        usae_checkpoint.save(model, "usae.safetensors")
+    usae_distributed.train(model, global_batches, steps, seed=0, device=ctx.device,
+                           checkpoint_path="usae.safetensors")  # rank 0 writes, all resume
     usae_distributed.close()
 """
 from __future__ import annotations
@@ -37,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+import usae_checkpoint as ckpt
 import usae_checks as checks
 import usae_core as core
 
@@ -329,7 +329,8 @@ def _require_same_run(trainer: core.Trainer, first: Mapping[str, Tensor]) -> Non
 def train(model: core.USAE, global_batches: Iterable[Mapping[str, Tensor]], steps: int,
           seed: int = 0, *, trainer: core.Trainer | None = None,
           on_step: Callable[[core.Trainer, core.StepOutput], None] | None = None,
-          **options: Any) -> core.TrainResult:
+          checkpoint_path: str | os.PathLike | None = None, checkpoint_every: int = 0,
+          resume: bool = True, **options: Any) -> core.TrainResult:
     """:func:`usae_core.train` on this rank's slice of every global batch, data-parallel.
 
     Call it on every rank with the same arguments. Without a process group of more than one
@@ -351,6 +352,10 @@ def train(model: core.USAE, global_batches: Iterable[Mapping[str, Tensor]], step
     on_step : callable, optional
         ``on_step(trainer, output)`` after every step on every rank; ``output.losses`` are the
         global batch's (the mean of the ranks'), its targets, recons and encoding this rank's.
+    checkpoint_path, checkpoint_every, resume
+        As :func:`usae_checkpoint.train`, which then drives this loop: every rank resumes from
+        the checkpoint (a path all ranks can read), rank 0 writes it; the history's loss is the
+        global batch's, its R² and dead fractions rank 0's slice's.
 
     Notes
     -----
@@ -360,6 +365,13 @@ def train(model: core.USAE, global_batches: Iterable[Mapping[str, Tensor]], step
     world, here = world_size(), rank()
     if not isinstance(model, core.USAE):
         raise TypeError(f"train takes a usae_core.USAE, got {type(model).__name__}.")
+    if checkpoint_path is not None:
+        if trainer is not None or on_step is not None:
+            raise ValueError("with checkpoint_path, usae_checkpoint.train makes the trainer and "
+                             "the step hook: pass neither trainer nor on_step.")
+        options.setdefault("progress", here == 0)
+        return ckpt.train(model, global_batches, steps, seed, checkpoint_path=checkpoint_path,
+                          checkpoint_every=checkpoint_every, resume=resume, loop=train, **options)
     if trainer is None:
         options.setdefault("progress", here == 0)
         trainer = core.Trainer(model, checks.train_config(steps, seed, **options), steps, seed)

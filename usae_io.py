@@ -131,20 +131,30 @@ def _running(holder: dict) -> bool:
     return start is None or holder.get("process_start") in (None, start)
 
 
+def _torchrun_job() -> str | None:
+    """The job this process is a rank of, or None. Its rendezvous id alone does not tell jobs
+    apart (torchrun's default is "none"); with the master's address and port it does while the
+    job runs, since no two jobs listen on one port."""
+    env = os.environ
+    if "TORCHELASTIC_RUN_ID" not in env and "WORLD_SIZE" not in env:
+        return None
+    return f"{env.get('TORCHELASTIC_RUN_ID')} {env.get('MASTER_ADDR')}:{env.get('MASTER_PORT')}"
+
+
 @contextlib.contextmanager
 def exclusive(lock: str | os.PathLike, what: str) -> Iterator[None]:
     """Hold the lock file ``lock`` while ``what`` (e.g. "building the activation cache") runs.
 
     A second process asking for the same lock gets a :class:`BusyError` naming the holder (pid,
-    host, start time) and what to do; the ranks of one ``torchrun`` job (the same
-    ``TORCHELASTIC_RUN_ID``) and the holder itself share it. A lock whose process no longer runs
+    host, start time) and what to do; the ranks of one ``torchrun`` job (the same rendezvous id,
+    master address and port) and the holder itself share it. A lock whose process no longer runs
     (killed) is taken over, so that a resume is never blocked.
     """
     lock = Path(lock)
     me = {"pid": os.getpid(), "host": socket.gethostname(), "what": what,
           "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
           "process_start": _process_start(os.getpid()),
-          "job": os.environ.get("TORCHELASTIC_RUN_ID")}
+          "job": _torchrun_job()}
     for attempt in range(50):
         try:
             lock.parent.mkdir(parents=True, exist_ok=True)

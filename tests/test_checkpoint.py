@@ -15,9 +15,11 @@ import torch
 
 import usae_checkpoint as ckpt
 import usae_core as core
+import usae_io
 import usae_synthetic as synthetic
 from conftest import ROOT, fail_on, flip, kill_when, lines, run_to_end, truncate
 from test_core import DIMS, tiny_batches
+from test_io import holder
 
 
 def test_save_load_gives_identical_outputs(tmp_path):
@@ -41,7 +43,6 @@ def test_save_load_gives_identical_outputs(tmp_path):
     assert set(header["standardization"]) == set(DIMS)
 
 
-
 def test_training_checkpoint_records_the_run(tmp_path):
     path = tmp_path / "run.safetensors"
     ckpt.train(core.USAE(DIMS, 16, 3, seed=0), tiny_batches(), 4, seed=7, progress=False,
@@ -53,10 +54,32 @@ def test_training_checkpoint_records_the_run(tmp_path):
     assert sum(training["updates"].values()) == 4
 
 
+def test_a_second_process_training_into_the_checkpoint_is_refused_until_the_holder_is_gone(
+        tmp_path):
+    path = tmp_path / "usae.safetensors"
+    lock = tmp_path / "usae.safetensors.lock"
+
+    def run(seed):
+        return ckpt.train(core.USAE(DIMS, 16, 3, seed=seed), tiny_batches(), 4, seed=seed,
+                          progress=False, checkpoint_path=path, resume=False)
+
+    run(0)
+    before, process = path.read_bytes(), holder(lock)
+    try:
+        with pytest.raises(usae_io.BusyError, match=f"process {process.pid} on .* has been "
+                                                    "holding .* since .* Wait for it"):
+            run(1)
+        assert path.read_bytes() == before and sorted(tmp_path.iterdir()) == [path, lock]
+    finally:
+        process.kill()  # SIGKILL: its lock stays behind and must not block the next run
+        process.wait()
+    assert lock.exists()
+    run(1)
+    assert not lock.exists() and path.read_bytes() != before
+
 
 class Interrupted(Exception):
     pass
-
 
 
 def interrupted_after(batches, n):
@@ -64,7 +87,6 @@ def interrupted_after(batches, n):
         if index == n:
             raise Interrupted
         yield batch
-
 
 
 @pytest.mark.parametrize("options", [{}, {"schedule": "released", "update": "all_decoders"},
@@ -95,7 +117,6 @@ def test_resumed_training_ends_exactly_where_an_uninterrupted_run_ends(tmp_path,
         uninterrupted.history[-1]["dictionary_cosine_to_init"]
 
 
-
 def test_resume_asks_a_seekable_loader_for_the_stream_from_the_checkpoint(tmp_path):
     class Loader:
         def __init__(self, stop_at=None):
@@ -118,7 +139,6 @@ def test_resume_asks_a_seekable_loader_for_the_stream_from_the_checkpoint(tmp_pa
     assert first.starts == [0] and second.starts == [4]
 
 
-
 def test_a_failed_write_keeps_the_old_checkpoint_and_leaves_no_temporary_file(tmp_path,
                                                                               monkeypatch):
     path = tmp_path / "model.safetensors"
@@ -138,7 +158,6 @@ def test_a_failed_write_keeps_the_old_checkpoint_and_leaves_no_temporary_file(tm
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
 
 
-
 def test_checkpoints_are_safetensors_with_a_json_header_and_no_pickle(tmp_path):
     path = tmp_path / "model.safetensors"
     ckpt.save(core.USAE(DIMS, 16, 3, seed=0), path)
@@ -146,7 +165,6 @@ def test_checkpoints_are_safetensors_with_a_json_header_and_no_pickle(tmp_path):
     header_length = int.from_bytes(raw[:8], "little")
     assert raw[8:9] == b"{" and b"usae" in raw[8:8 + header_length]
     assert b"\x80\x04" not in raw[:2] and not raw.startswith(b"PK")  # no pickle, no zip
-
 
 
 def bad_batch(kind):
@@ -166,7 +184,6 @@ def bad_batch(kind):
     return batch
 
 
-
 @pytest.mark.parametrize("kind, message", [
     ("tokens", "different token counts"), ("nan", "NaN or inf.*'c'"), ("inf", "NaN or inf.*'a'"),
     ("width", r"shape \(tokens, 6\)"), ("missing", r"missing \['c'\]"),
@@ -178,7 +195,6 @@ def test_bad_batches_are_refused_and_earlier_work_is_kept(tmp_path, kind, messag
         ckpt.train(core.USAE(DIMS, 16, 3, seed=0), batches, 8, progress=False,
                    checkpoint_path=str(path))
     assert ckpt.read_header(path)["training"]["step"] == 3
-
 
 
 def test_a_checkpoint_of_another_configuration_is_refused(tmp_path):
@@ -196,7 +212,6 @@ def test_a_checkpoint_of_another_configuration_is_refused(tmp_path):
                    checkpoint_path=str(path))
 
 
-
 def test_unreadable_checkpoints_are_refused(tmp_path):
     path = tmp_path / "model.safetensors"
     ckpt.save(core.USAE(DIMS, 16, 3, seed=0), path)
@@ -207,7 +222,6 @@ def test_unreadable_checkpoints_are_refused(tmp_path):
         ckpt.load(tmp_path / "missing.safetensors")
 
 
-
 def test_an_altered_checkpoint_byte_is_detected(tmp_path):
     path = tmp_path / "model.safetensors"
     ckpt.save(core.USAE(DIMS, 16, 3, seed=0), path)
@@ -216,7 +230,6 @@ def test_an_altered_checkpoint_byte_is_detected(tmp_path):
     path.write_bytes(bytes(raw))
     with pytest.raises(ckpt.CheckpointError, match="fails its checksum"):
         ckpt.load(path)
-
 
 
 def test_written_files_get_a_normal_mode(tmp_path):

@@ -15,6 +15,7 @@ import torch
 import usae_cli as cli
 import usae_pipeline as pipeline
 from conftest import ROOT
+from test_io import holder
 
 FIELDS = dataclasses.fields(pipeline.Experiment)
 
@@ -216,15 +217,20 @@ def test_cli_refuses_bad_values_naming_the_option(args, message, odd_paths, tmp_
 # Running the notebooks
 
 
-def test_run_notebooks_stops_at_the_first_failure_naming_its_notebook(tmp_path, monkeypatch,
-                                                                       capsys):
+def planted_notebooks(root: Path) -> None:
+    """notebooks/00_fine.py, 01_broken.py (raises) and 02_never.py under ``root``."""
     header = ("# ---\n# jupyter:\n#   kernelspec:\n#     display_name: Python 3\n"
               "#     language: python\n#     name: python3\n# ---\n\n")
-    (tmp_path / "notebooks").mkdir()
+    (root / "notebooks").mkdir()
     for name, body in (("00_fine", "print(experiment['seed'])"),
                        ("01_broken", "raise ValueError('planted')"), ("02_never", "1")):
-        (tmp_path / "notebooks" / f"{name}.py").write_text(
+        (root / "notebooks" / f"{name}.py").write_text(
             f'{header}# %% tags=["parameters"]\nexperiment = {{}}\n\n# %%\n{body}\n')
+
+
+def test_run_notebooks_stops_at_the_first_failure_naming_its_notebook(tmp_path, monkeypatch,
+                                                                       capsys):
+    planted_notebooks(tmp_path)
     monkeypatch.setattr(cli, "ROOT", tmp_path)
     monkeypatch.setenv("PYTHONPATH", "")  # restored after the test: run_notebooks sets it
     exp = pipeline.Experiment(preset="synthetic", quick=True, out=str(tmp_path / "out"))
@@ -237,3 +243,24 @@ def test_run_notebooks_stops_at_the_first_failure_naming_its_notebook(tmp_path, 
     assert (executed / "00_fine.ipynb").is_file() and (executed / "01_broken.ipynb").is_file()
     assert json.loads((tmp_path / "out" / "experiment.json").read_text())["seed"] == 0
     assert not (tmp_path / "notebooks" / "00_fine.ipynb").exists()  # published by default only
+
+
+def test_a_second_run_into_the_same_folder_is_refused_naming_the_first(tmp_path, monkeypatch,
+                                                                        capsys):
+    planted_notebooks(tmp_path)
+    monkeypatch.setattr(cli, "ROOT", tmp_path)
+    monkeypatch.setenv("PYTHONPATH", "")
+    exp = pipeline.Experiment(preset="synthetic", quick=True, out=str(tmp_path / "out"))
+    process = holder(tmp_path / "out" / ".lock")
+    try:
+        assert cli.run_notebooks(exp) == 1
+        refused = capsys.readouterr()
+        assert f"process {process.pid} on " in refused.err and "Wait for it" in refused.err
+        assert "== 00_fine" not in refused.out
+        assert [p.name for p in (tmp_path / "out").iterdir()] == [".lock"]  # nothing written
+    finally:
+        process.kill()  # its lock stays behind and must not block the next run
+        process.wait()
+    assert cli.run_notebooks(exp) == 1  # now it runs, up to the planted failure
+    assert "00_fine done in" in capsys.readouterr().out
+    assert not (tmp_path / "out" / ".lock").exists()

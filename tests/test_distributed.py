@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+import usae_checkpoint as ckpt
 import usae_core as core
 import usae_distributed as ud
 from test_core import DIMS, tiny_batches
@@ -114,6 +115,33 @@ def refusal_cases(ctx):
         "data": refusal(lambda: train(model(), global_batches(seed=ctx.rank)))}
 
 
+class Interrupted(RuntimeError):
+    pass
+
+
+def stopping_after(batches, count):
+    """The global batches, for two epochs, stopping the run after ``count`` of them."""
+    for index, batch in enumerate(itertools.chain(batches, batches)):
+        if index == count:
+            raise Interrupted
+        yield batch
+
+
+def checkpoint_case(out):
+    """A checkpointed run stopped after 5 steps (its checkpoint at step 4, by rank 0), then
+    resumed on both ranks from that shared file to the end."""
+    path, options = Path(out) / "usae.safetensors", {**OPTIONS, "checkpoint_every": 2}
+    try:
+        ud.train(build_model(frozen_bias=True), stopping_after(global_batches(), 5), STEPS,
+                 SEED, checkpoint_path=path, **options)
+    except Interrupted:
+        pass
+    stopped_at = ckpt.read_header(path)["training"]["step"]
+    model = build_model(frozen_bias=True)
+    ud.train(model, global_batches(), STEPS, SEED, checkpoint_path=path, **options)
+    return {"stopped_at": stopped_at, "state": model.state_dict()}
+
+
 def worker(out):
     ctx = ud.init()
     assert ctx.world_size == WORLD and ctx.device == "cpu", ctx
@@ -126,6 +154,7 @@ def worker(out):
     if ctx.rank == 0:  # an eval-mode backward on one rank alone must not wait for the other
         model.encode("a", global_batches()[0]["a"]).sum().backward()
     results["refusals"] = refusal_cases(ctx)
+    results["checkpointed"] = checkpoint_case(out)
     torch.save(results, Path(out) / f"rank{ctx.rank}.pt")
     ud.close()
 
@@ -161,7 +190,8 @@ def ranks(tmp_path_factory):
     report = "\n".join(f"--- rank {r} (exit {p.returncode}):\n{log.read_text()[-3000:]}"
                        for r, (p, log) in enumerate(zip(processes, logs)))
     assert all(p.returncode == 0 for p in processes), report
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return [{**torch.load(out / f"rank{r}.pt", weights_only=True), "folder": out}
+            for r in range(WORLD)]
 
 
 def one_process_run(frozen_bias=False, **options):
@@ -192,6 +222,23 @@ def test_two_ranks_train_as_one_process(ranks, run, frozen_bias):
         for key in ("raw_dictionary", "linear.weight", "batch_norm.running_var"):
             key = f"pairs.{name}.{key}"
             assert not torch.allclose(expected[key], untrained[key]), key
+
+
+def test_a_stopped_run_resumes_on_every_rank_from_rank_0s_checkpoint(ranks):
+    """Stopped after step 5 with checkpoints every 2 steps, then resumed: the ranks end where
+    an uninterrupted one-process run ends, and the checkpoint rank 0 wrote holds that model."""
+    expected = one_process_run(frozen_bias=True, **RUNS["released"])[0].state_dict()
+    seen = [rank["checkpointed"] for rank in ranks]
+    assert [case["stopped_at"] for case in seen] == [4, 4]
+    for key, value in expected.items():
+        assert torch.equal(seen[0]["state"][key], seen[1]["state"][key]), key
+        torch.testing.assert_close(seen[0]["state"][key], value, rtol=1e-5, atol=1e-5, msg=key)
+    path = ranks[0]["folder"] / "usae.safetensors"
+    written = ckpt.load(path).state_dict()
+    assert all(torch.equal(written[key], value) for key, value in seen[0]["state"].items())
+    assert ckpt.read_header(path)["training"]["step"] == STEPS
+    assert sorted(p.name for p in path.parent.iterdir() if "usae" in p.name) == \
+        [path.name]  # no lock and no temporary left behind
 
 
 @pytest.mark.parametrize("momentum", MOMENTA)
