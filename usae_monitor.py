@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 import usae_core as core
@@ -53,7 +54,7 @@ class TrainingMonitor:
         row = model.names.index(output.source)
         for column, name in enumerate(model.names):
             target = output.targets[name]
-            error = (target - output.recons[name]).square().mean()
+            error = F.mse_loss(output.recons[name], target)  # fused: no residual tensor
             variance = (target + model.scalar_frame_offset(name)).var(unbiased=False)
             sums["r2"][row, column] += 1 - error / (variance + 1e-6)
         sums["loss"] += output.losses

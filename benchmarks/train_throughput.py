@@ -3,6 +3,8 @@
     python benchmarks/train_throughput.py                  # the paper's sizes (slow on a CPU)
     python benchmarks/train_throughput.py --n 1024 --tokens 1024 --widths 96,192,192
     python benchmarks/train_throughput.py --levers         # also the rows that split the gain
+    python benchmarks/train_throughput.py --entry --n 2048 --k 32 --tokens 1568 --steps 10
+                                                # also train() as the README calls it
 
 (a) ``reference``: the released loop written out plainly (``reference_step`` in
 tests/test_train_speed.py, which proves it equal to the trainer in fp32). (b) ``trainer``:
@@ -11,6 +13,10 @@ rows add the ``sparse_decode`` and ``precision="bf16"`` options. ``--levers`` ad
 (the released criterion, ``released_l1_aux``, called once per target with the frozen decoders detached,
 unsorted TopK and no host sync: the trainer as it was before this benchmark existed) and
 ``trainer, loop AdamW`` (the trainer with the released non-fused optimizers swapped in).
+``--entry`` adds the user's setting: ``(a') released loop, raw`` standardises raw batches as the
+released data loader does, then runs (a); ``(c) usae_checkpoint.train`` calls the entry point as
+the README shows (raw batches, default options, progress bar, checked batches, history), once per
+round for ``--steps`` steps. Its ratio c/a' is printed last.
 
 All rows run in one process on the same synthetic token-aligned batches (a shared low-rank
 signal seen through a random projection per model, plus noise, standardised) and the same
@@ -38,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+import usae_checkpoint as ckpt  # noqa: E402
 import usae_core as core  # noqa: E402
 from test_train_speed import (released_l1_aux, reference_optimizers,  # noqa: E402
                               reference_step)
@@ -109,6 +116,35 @@ def make_rows(args, dims: dict[str, int], device: torch.device) -> dict[str, Cal
     return rows
 
 
+def entry_rows(args, raw: list[dict], device: torch.device) -> dict[str, Callable]:
+    """Row label -> run(steps) on raw batches: the released loop with its data loader's
+    standardisation, and usae_checkpoint.train as the README calls it."""
+    dims = {name: t.shape[1] for name, t in raw[0].items()}
+    names = list(dims)
+    stats = {name: (t.mean().item(), t.std().item()) for name, t in raw[0].items()}
+    released = core.USAE(dims, args.n, args.k, seed=0).to(device).train()
+    optimizers = reference_optimizers(released)
+    generator = torch.Generator().manual_seed(1)
+    done = [0]
+
+    def released_loop(steps: int) -> None:
+        for _ in range(steps):
+            batch = raw[done[0] % len(raw)]
+            batch = {n: (t - stats[n][0]) / (stats[n][1] + core.STD_EPS) for n, t in batch.items()}
+            source = names[torch.randint(len(names), (1,), generator=generator).item()]
+            reference_step(released, optimizers, batch, source, 3e-4)
+            done[0] += 1
+
+    ours = core.USAE(dims, args.n, args.k, seed=0)
+    calls = [0]
+
+    def entry_point(steps: int) -> None:
+        calls[0] += 1
+        ckpt.train(ours, raw, steps=steps, seed=calls[0], device=str(device))
+
+    return {"(a') released loop, raw": released_loop, "(c) usae_checkpoint.train": entry_point}
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -154,6 +190,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds (after a warm-up)")
     parser.add_argument("--levers", action="store_true", help="add the rows that split the gain")
     parser.add_argument("--quick", action="store_true", help="only rows (a) and (b)")
+    parser.add_argument("--entry", action="store_true",
+                        help="add the released loop on raw batches and usae_checkpoint.train")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
@@ -167,18 +205,27 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     sources = [names[i] for i in torch.randint(len(names), (64,), generator=generator)]
     rows = make_rows(args, dims, device)
+    runs = {}  # label -> run(steps), for rows that are whole loops
+    if args.entry:  # raw activations: an offset and a scale of the standardised ones
+        raw = [{n: 3 * t + 1 for n, t in batch.items()} for batch in batches]
+        runs = entry_rows(args, raw, device)
 
     done = dict.fromkeys(rows, 0)  # every row sees the same batches and sources in turn
 
     def run(label: str, steps: int) -> float:
         synchronize(device)
         start = time.perf_counter()
-        for i in range(done[label], done[label] + steps):
-            rows[label](batches[i % len(batches)], sources[i % len(sources)])
+        if label in runs:
+            runs[label](steps)
+        else:
+            for i in range(done[label], done[label] + steps):
+                rows[label](batches[i % len(batches)], sources[i % len(sources)])
         synchronize(device)
         done[label] += steps
         return time.perf_counter() - start
 
+    rows.update(dict.fromkeys(runs))
+    done.update(dict.fromkeys(runs, 0))
     flops = {}
     for label in rows:
         run(label, 1)  # warm-up: optimizer state, allocator, kernels
@@ -207,6 +254,10 @@ def main() -> None:
         print(line + (f" {100 * rate / 1e3 / peak:10.1f}%" if peak else ""))
     ratio = reference / statistics.median(seconds["(b) trainer fp32"])
     print(f"ratio b/a (trainer fp32 / released loop, tokens/s): {ratio:.2f}")
+    if runs:
+        ratio = statistics.median(seconds["(a') released loop, raw"]) / statistics.median(
+            seconds["(c) usae_checkpoint.train"])
+        print(f"ratio c/a' (usae_checkpoint.train / released loop, raw batches): {ratio:.2f}")
 
 
 if __name__ == "__main__":

@@ -379,3 +379,15 @@ def test_encode_refuses_non_finite_activations_before_batchnorm_sees_them(bad):
     after = model.pairs["a"].batch_norm.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # running stats untouched
     assert torch.isfinite(model.eval().encode("a", torch.randn(4, 6))).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_the_finite_check_is_exact_when_the_sum_overflows(dtype):
+    model = core.USAE(DIMS, 16, 3, seed=0)
+    huge = torch.full((8, 6), torch.finfo(dtype).max / 2, dtype=dtype)  # finite; sums to inf
+    model.check_acts("a", huge)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        planted = huge.clone()
+        planted[5, 4] = bad
+        with pytest.raises(ValueError, match="NaN or inf"):
+            model.check_acts("a", planted)
