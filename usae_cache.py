@@ -327,6 +327,14 @@ def build_cache(backbones: Sequence[Any], images: ImageSet | str | os.PathLike,
     (one read of the whole cache, at disk speed), the arrays get their final names and
     ``cache.json`` is written last. Resumed with the same batch size and device, the result is
     byte-identical to an uninterrupted build (the metadata holds no timestamps).
+
+    Called on every rank of an initialised ``torch.distributed`` process group of two or more
+    processes (``torchrun``), with the same arguments (``device`` aside: each rank's own), the
+    ranks build the cache together and every rank returns it: each extracts a contiguous
+    range of whole batches into its own shard, resumable on its own, and rank 0 assembles
+    them in image order and finalizes once (``usae_cache_shards``). The files are
+    byte-identical to a one-process build with the same batch size; ``cache.json``'s
+    ``build`` record names rank 0's device.
     """
     backbones = list(backbones)
     if not backbones:

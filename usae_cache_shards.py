@@ -37,10 +37,12 @@ before the shards are written, so the free-space check counts the cache once. Du
 assembly the copied rows and the shards not yet deleted coexist: the peak is the cache plus
 one shard, ``(1 + 1/N)`` times the cache.
 
-A cache left unfinished by one process is resumed by a sharded build (its ``progress.json``
-says which images are in the arrays already; shards before that point are not extracted). A
-sharded build left unfinished and finished by one process starts over from the cache's own
-``progress.json`` (the shards are ignored, then deleted).
+A cache left unfinished by one process is resumed by a sharded build: its ``progress.json``
+says which images the arrays hold already, the ranges wholly before that point are not
+extracted (the one that straddles it is extracted whole, and only its rest copied). A sharded
+build left unfinished and finished by one process goes on from the cache's own
+``progress.json`` (the images assembled so far) and ignores the shards, which it deletes at the
+end.
 
 Of the project this module imports ``usae_cache_files`` (the file layer), ``usae_cache_verify``
 (reading JSON and arrays safely) and ``usae_io`` (the lock, the request hash); it uses
@@ -224,7 +226,8 @@ def _assemble(folder: Path, request: dict, batch_size: int, world: int) -> dict:
             row += count
         del sources
         cache_files.remove_cache(shard)  # its rows are in the cache now: free the disk
-        shard.rmdir()
+        with contextlib.suppress(OSError):  # holds something else: leave it to its owner
+            shard.rmdir()
     del arrays
     return state
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,8 +17,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 
+import usae_cache
+import usae_cache_files
 import usae_cache_shards as shards
+from conftest import FakeBackbone, fake_pair, folder_bytes, write_images
+from test_io import holder
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD, BATCH, N_IMAGES, BROKEN = 2, 2, 11, (3, 7)  # one unreadable image in each rank's range
@@ -30,13 +36,6 @@ OPTIONS = {"batch_size": BATCH, "tokens_per_image": 60, "stats_sample": 4, "prog
 
 def worker(images: str, out: str, results: str, mode: str) -> None:
     """One rank: build the cache of ``images`` in ``out``; ``mode`` injects a fault."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    import torch.distributed as dist
-    from conftest import FakeBackbone
-
-    import usae_cache
-    import usae_cache_files
-
     dist.init_process_group("gloo", init_method="env://")
     rank = dist.get_rank()
 
@@ -61,9 +60,10 @@ def worker(images: str, out: str, results: str, mode: str) -> None:
 
         usae_cache_files.save_batch = failing
     backbones = [Faulty("alpha", 8, 1), Faulty("beta", 12, 2)]
+    options = {**OPTIONS, "batch_size": 4} if mode == "other-batch" and rank == 1 else OPTIONS
     outcome = {}
     try:
-        cache = usae_cache.build_cache(backbones, images, out, **OPTIONS)
+        cache = usae_cache.build_cache(backbones, images, out, **options)
         outcome["n_tokens"] = cache.n_tokens
     except BaseException as error:  # reported to the test, which decides
         outcome["error"] = f"{type(error).__name__}: {error}"
@@ -119,8 +119,6 @@ def run_ranks(images: Path, out: Path, results: Path, mode: str = "plain") -> li
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
-    from conftest import write_images
-
     folder = write_images(tmp_path_factory.mktemp("images"), N_IMAGES, broken=BROKEN[0])
     (folder / f"img_{BROKEN[1]:03d}.png").write_bytes(b"not an image either")
     return folder
@@ -129,19 +127,12 @@ def images(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reference(images, tmp_path_factory) -> Path:
     """The cache built by one process, without a process group."""
-    import usae_cache
-    from conftest import fake_pair
-
     folder = tmp_path_factory.mktemp("reference") / "cache"
     usae_cache.build_cache(fake_pair(), images, folder, **OPTIONS)
     return folder
 
 
 def assert_same_as_one_process(out: Path, reference: Path) -> None:
-    from conftest import folder_bytes
-
-    import usae_cache
-
     assert not (out / shards.SHARDS_DIR).exists()  # the shards are gone, and the lock
     assert folder_bytes(out) == folder_bytes(reference)  # arrays, index files and cache.json
     cache = usae_cache.open_cache(out, verify="full")
@@ -191,10 +182,57 @@ def test_a_failed_rank_stops_every_rank_and_each_resumes_its_own_range(images, r
     progress = json.loads((shards.shard_folder(out, 6, 11) / "progress.json").read_text())
     assert progress["images_done"] == 2  # rank 1 saved its first batch
 
+    alone = Path(shutil.copytree(out, tmp_path / "alone"))
     resumed = run_ranks(images, out, tmp_path / "resumed")
     # Rank 0's shard was complete; rank 1 computed its last two batches only.
     assert [o["calls"] for o in resumed] == [[0, 0], [2, 2]]
     assert_same_as_one_process(out, reference)
+
+    # One process finishes it too: from the cache's own progress (nothing assembled yet), the
+    # shards ignored and then deleted.
+    usae_cache.build_cache(fake_pair(), images, alone, **OPTIONS)
+    assert_same_as_one_process(alone, reference)
+
+
+@pytest.mark.distributed
+def test_two_ranks_resume_a_cache_that_one_process_left_unfinished(images, reference,
+                                                                   tmp_path):
+    class Crashing(FakeBackbone):
+        def forward(self, pixels):
+            if self.calls == 2:  # third batch: images 0-3 are saved
+                raise KeyboardInterrupt("simulated crash")
+            return super().forward(pixels)
+
+    out = tmp_path / "cache"
+    with pytest.raises(KeyboardInterrupt):
+        usae_cache.build_cache([FakeBackbone("alpha", 8, 1), Crashing("beta", 12, 2)], images,
+                               out, **OPTIONS)
+    assert json.loads((out / "progress.json").read_text())["images_done"] == 4
+    resumed = run_ranks(images, out, tmp_path / "resumed")
+    # Rank 0's range straddles image 4: extracted whole, only images 4-5 copied.
+    assert [o["calls"] for o in resumed] == [[3, 3], [3, 3]]
+    assert_same_as_one_process(out, reference)
+
+
+@pytest.mark.distributed
+def test_a_held_lock_or_ranks_that_disagree_stop_every_rank_before_any_work(images, tmp_path):
+    out = tmp_path / "cache"
+    process = holder(out / usae_cache_files.LOCK_FILE)
+    try:
+        busy = run_ranks(images, out, tmp_path / "busy")
+    finally:
+        process.kill()
+        process.wait()
+    assert busy[0]["error"].startswith(f"BusyError: {out} is in use: process {process.pid}")
+    assert busy[1]["error"].startswith("RuntimeError: rank 0 of 2 failed while taking the "
+                                       "cache's lock")
+    assert [p.name for p in out.iterdir()] == [usae_cache_files.LOCK_FILE]
+
+    other = run_ranks(images, tmp_path / "other", tmp_path / "other-run", "other-batch")
+    for outcome in other:
+        assert outcome["error"].startswith("ValueError: the ranks called build_cache with "
+                                           "different arguments")
+        assert outcome["calls"] == [0, 0]
 
 
 @pytest.mark.distributed
