@@ -31,7 +31,8 @@ released code (spec section 2); the loader leaves the activations raw unless ask
 Of the project this module imports ``usae_cache_files`` (file names, the request that names a
 cache, :class:`~usae_cache_files.CacheMismatchError`, the crash-safe writes of a build),
 ``usae_cache_verify`` (checksums, :class:`~usae_cache_verify.CorruptCacheError`),
-``usae_core`` (the argument checks: integers, seeds, devices) and ``usae_images`` (image lists,
+``usae_cache_shards`` (the build shared by the ranks of a ``torchrun`` job),
+``usae_checks`` (the argument checks: integers, seeds, devices) and ``usae_images`` (image lists,
 decoding); backbones are used through their interface (``name``, ``width``, ``grid``,
 ``preprocessing``, ``preprocess``, ``forward``, ``describe``).
 """
@@ -330,7 +331,8 @@ def build_cache(backbones: Sequence[Any], images: ImageSet | str | os.PathLike,
 
     Called on every rank of an initialised ``torch.distributed`` process group of two or more
     processes (``torchrun``), with the same arguments (``device`` aside: each rank's own), the
-    ranks build the cache together and every rank returns it: each extracts a contiguous
+    ranks build the cache together and every rank returns it (called on one rank alone, it
+    waits for the others): each extracts a contiguous
     range of whole batches into its own shard, resumable on its own, and rank 0 assembles
     them in image order and finalizes once (``usae_cache_shards``). The files are
     byte-identical to a one-process build with the same batch size; ``cache.json``'s

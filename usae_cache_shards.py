@@ -42,7 +42,8 @@ says which images the arrays hold already, the ranges wholly before that point a
 extracted (the one that straddles it is extracted whole, and only its rest copied). A sharded
 build left unfinished and finished by one process goes on from the cache's own
 ``progress.json`` (the images assembled so far) and ignores the shards, which it deletes at the
-end.
+end. Resumed with another number of processes, the ranges change: the images not yet assembled
+are extracted again into new shards, and the old ones are deleted at the end.
 
 Of the project this module imports ``usae_cache_files`` (the file layer), ``usae_cache_verify``
 (reading JSON and arrays safely) and ``usae_io`` (the lock, the request hash); it uses
