@@ -80,7 +80,8 @@ def process_group() -> tuple[int, int] | None:
 
 def plan(n_images: int, batch_size: int, world: int) -> list[tuple[int, int]]:
     """The image range ``(start, stop)`` of each rank: contiguous, in rank order, the batches of
-    one process shared as evenly as whole batches allow (empty for ranks beyond the batches)."""
+    one process shared as evenly as whole batches allow (some empty with fewer batches than
+    ranks)."""
     batches = -(-n_images // batch_size)
     edges = [min(r * batches // world * batch_size, n_images) for r in range(world + 1)]
     return list(zip(edges, edges[1:]))
