@@ -31,7 +31,8 @@ released code (spec section 2); the loader leaves the activations raw unless ask
 Of the project this module imports ``usae_cache_files`` (file names, the request that names a
 cache, :class:`~usae_cache_files.CacheMismatchError`, the crash-safe writes of a build),
 ``usae_cache_verify`` (checksums, :class:`~usae_cache_verify.CorruptCacheError`),
-``usae_core`` (the argument checks: integers, seeds, devices) and ``usae_images`` (image lists,
+``usae_cache_shards`` (the build shared by the ranks of a ``torchrun`` job),
+``usae_checks`` (the argument checks: integers, seeds, devices) and ``usae_images`` (image lists,
 decoding); backbones are used through their interface (``name``, ``width``, ``grid``,
 ``preprocessing``, ``preprocess``, ``forward``, ``describe``).
 """
@@ -49,6 +50,7 @@ import torch
 from tqdm.auto import tqdm
 
 import usae_cache_files as cache_files
+import usae_cache_shards as shards
 import usae_cache_verify as integrity
 import usae_checks as checks
 import usae_io
@@ -254,6 +256,7 @@ def _reuse(folder: Path, request: dict, rebuild: bool) -> Cache | None:
     or if ``rebuild`` asked to delete the cache there (complete or not) first."""
     if rebuild:
         cache_files.remove_cache(folder)
+        shards.remove_shards(folder)
     if not (folder / METADATA_FILE).exists():
         return None
     cache_files.check_request(integrity.read_json(folder / METADATA_FILE), request, folder)
@@ -325,6 +328,15 @@ def build_cache(backbones: Sequence[Any], images: ImageSet | str | os.PathLike,
     (one read of the whole cache, at disk speed), the arrays get their final names and
     ``cache.json`` is written last. Resumed with the same batch size and device, the result is
     byte-identical to an uninterrupted build (the metadata holds no timestamps).
+
+    Called on every rank of an initialised ``torch.distributed`` process group of two or more
+    processes (``torchrun``), with the same arguments (``device`` aside: each rank's own), the
+    ranks build the cache together and every rank returns it (called on one rank alone, it
+    waits for the others): each extracts a contiguous
+    range of whole batches into its own shard, resumable on its own, and rank 0 assembles
+    them in image order and finalizes once (``usae_cache_shards``). The files are
+    byte-identical to a one-process build with the same batch size; ``cache.json``'s
+    ``build`` record names rank 0's device.
     """
     backbones = list(backbones)
     if not backbones:
@@ -367,52 +379,73 @@ def build_cache(backbones: Sequence[Any], images: ImageSet | str | os.PathLike,
             "name": bb.name, "width": int(bb.width), "layer": described.get("layer"),
             "grid": grid, "preprocessing": preprocessing, "describe": described}))
     request = cache_files.request_for(models, images, grid, tokens, seed, stats_sample)
+    extraction = {"batch_size": batch_size, "tokens": tokens, "seed": seed, "device": device,
+                  "progress": progress, "workers": workers}
+    build = {"batch_size": batch_size, "device": str(device), "torch": torch.__version__,
+             "numpy": np.__version__}
+
+    def finish(state: dict) -> None:
+        cache_files.finalize(folder, request, models, images, grid, tokens, seed, stats_sample,
+                             state["skipped"], build, state["rows_done"])
+
+    if shards.process_group() is not None:  # every rank of a torchrun job: build it together
+        return shards.build_sharded(
+            folder, request, batch_size, reuse=lambda: _reuse(folder, request, rebuild),
+            extract=lambda shard, state, arrays, first, stop: _extract_images(
+                backbones, images, shard, state, arrays, first, stop, **extraction),
+            finish=finish, open_cache=open_cache)
     with usae_io.exclusive(folder / LOCK_FILE, "building an activation cache"):
         cache = _reuse(folder, request, rebuild)
         if cache is not None:
             return cache
 
         state, arrays = cache_files.open_partial(folder, request)
-        for bb in backbones:
-            bb.to(device).eval()
-        n = len(images)
-        starts = list(range(state["images_done"], n, batch_size))
-        bar = tqdm(total=n, initial=state["images_done"], unit="img", desc="caching",
-                   disable=not progress, smoothing=0.1)
-        pool = concurrent.futures.ThreadPoolExecutor(workers)
-        try:
-            def submit(start: int) -> list:
-                return [pool.submit(_load_for_models, images.absolute(i), backbones)
-                        for i in range(start, min(start + batch_size, n))]
-
-            pending = submit(starts[0]) if starts else []
-            for k, start in enumerate(starts):
-                loaded = [future.result() for future in pending]
-                # Decode the next batch while the backbones work on this one.
-                pending = submit(starts[k + 1]) if k + 1 < len(starts) else []
-                good = []
-                for offset, (pixels, reason) in enumerate(loaded):
-                    if pixels is None:
-                        state["skipped"].append({"index": start + offset,
-                                                 "path": images.paths[start + offset],
-                                                 "reason": reason})
-                    else:
-                        good.append((start + offset, pixels))
-                blocks, failed = _extract(backbones, good, tokens, seed, device)
-                state["skipped"] += [{"index": i, "path": images.paths[i], "reason": reason}
-                                     for i, reason in failed]
-                cache_files.save_batch(folder, state, arrays, blocks, min(start + batch_size, n))
-                bar.update(state["images_done"] - start)
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-            bar.close()
+        _extract_images(backbones, images, folder, state, arrays, 0, len(images), **extraction)
         del arrays
-
-        build = {"batch_size": batch_size, "device": str(device), "torch": torch.__version__,
-                 "numpy": np.__version__}
-        cache_files.finalize(folder, request, models, images, grid, tokens, seed, stats_sample,
-                             state["skipped"], build, state["rows_done"])
+        finish(state)
+        shards.remove_shards(folder)  # left by a sharded build that one process finished
         return open_cache(folder)
+
+
+def _extract_images(backbones: list, images: ImageSet, folder: Path, state: dict,
+                    arrays: dict[str, np.ndarray], first: int, stop: int, *, batch_size: int,
+                    tokens: int, seed: int, device: Any, progress: bool, workers: int) -> None:
+    """Extract images ``first + state["images_done"]`` .. ``stop - 1`` of ``images`` in batches
+    of ``batch_size`` into the build in ``folder`` (a cache, or a rank's shard whose image 0 is
+    image ``first``), saving each batch (:func:`usae_cache_files.save_batch`)."""
+    for bb in backbones:
+        bb.to(device).eval()
+    starts = list(range(first + state["images_done"], stop, batch_size))
+    bar = tqdm(total=stop - first, initial=state["images_done"], unit="img", desc="caching",
+               disable=not progress, smoothing=0.1)
+    pool = concurrent.futures.ThreadPoolExecutor(workers)
+    try:
+        def submit(start: int) -> list:
+            return [pool.submit(_load_for_models, images.absolute(i), backbones)
+                    for i in range(start, min(start + batch_size, stop))]
+
+        pending = submit(starts[0]) if starts else []
+        for k, start in enumerate(starts):
+            loaded = [future.result() for future in pending]
+            # Decode the next batch while the backbones work on this one.
+            pending = submit(starts[k + 1]) if k + 1 < len(starts) else []
+            good = []
+            for offset, (pixels, reason) in enumerate(loaded):
+                if pixels is None:
+                    state["skipped"].append({"index": start + offset,
+                                             "path": images.paths[start + offset],
+                                             "reason": reason})
+                else:
+                    good.append((start + offset, pixels))
+            blocks, failed = _extract(backbones, good, tokens, seed, device)
+            state["skipped"] += [{"index": i, "path": images.paths[i], "reason": reason}
+                                 for i, reason in failed]
+            cache_files.save_batch(folder, state, arrays, blocks,
+                                   min(start + batch_size, stop) - first)
+            bar.update(state["images_done"] + first - start)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
 
 
 def _load_for_models(path: Path, backbones: list) -> tuple[list[torch.Tensor] | None, str | None]:
