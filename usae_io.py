@@ -8,6 +8,7 @@ is writing. This module imports nothing of the project.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -147,8 +148,10 @@ def exclusive(lock: str | os.PathLike, what: str) -> Iterator[None]:
 
     A second process asking for the same lock gets a :class:`BusyError` naming the holder (pid,
     host, start time) and what to do; the ranks of one ``torchrun`` job (the same rendezvous id,
-    master address and port) and the holder itself share it. A lock whose process no longer runs
-    (killed) is taken over, so that a resume is never blocked.
+    master address and port) and the holder itself share it. The holder keeps an ``flock`` on
+    the file, which the kernel drops when the process dies however it dies: a lock left by a
+    killed process never blocks a resume, and taking it over rewrites the file under that
+    ``flock`` instead of deleting it, so two processes cannot both take over one stale lock.
     """
     lock = Path(lock)
     me = {"pid": os.getpid(), "host": socket.gethostname(), "what": what,
@@ -158,36 +161,70 @@ def exclusive(lock: str | os.PathLike, what: str) -> Iterator[None]:
     for attempt in range(50):
         try:
             lock.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, file_mode())
-        except FileExistsError:
-            try:
-                holder = json.loads(lock.read_text(encoding="utf-8"))
-            except (OSError, ValueError):  # being written this instant, or left half-written
-                time.sleep(0.1)
-                if attempt >= 10:
-                    lock.unlink(missing_ok=True)
-                continue
-            ours = (holder.get("host"), holder.get("pid")) == (me["host"], me["pid"])
-            if ours or (me["job"] is not None and holder.get("job") == me["job"]):
-                yield  # already held by this process or its job: the first holder releases it
-                return
-            if _running(holder):
-                raise BusyError(
-                    f"{lock.parent} is in use: process {holder.get('pid')} on "
-                    f"{holder.get('host')} has been {holder.get('what')} since "
-                    f"{holder.get('started')}. Wait for it to finish or stop it; if no such "
-                    f"process runs any more, delete {lock}.") from None
-            lock.unlink(missing_ok=True)  # left by a process that was killed: take it over
-            continue
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, file_mode())
         except OSError as error:
             raise writable_error(lock, error) from error
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(me, handle)
-        break
+        try:
+            held = _try_flock(fd)
+            if held is None:  # a file system without flock: judge the recorded holder
+                holder = _holder(fd)
+                held = not holder or not _running(holder) or holder.get("pid") == me["pid"]
+            same_file = os.path.exists(lock) and os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except BaseException:
+            os.close(fd)
+            raise
+        if held and not same_file:  # released and deleted between our open and our flock
+            os.close(fd)
+            continue
+        if held:
+            break
+        holder = _holder(fd)
+        os.close(fd)
+        if not holder:  # its holder is writing it this instant
+            time.sleep(0.05)
+            continue
+        ours = (holder.get("host"), holder.get("pid")) == (me["host"], me["pid"])
+        if ours or (me["job"] is not None and holder.get("job") == me["job"]):
+            yield  # already held by this process or its job: the first holder releases it
+            return
+        raise BusyError(
+            f"{lock.parent} is in use: process {holder.get('pid')} on {holder.get('host')} "
+            f"has been {holder.get('what')} since {holder.get('started')}. Wait for it to "
+            f"finish or stop it; if no such process runs any more, delete {lock}.")
     else:
         raise BusyError(f"could not take the lock {lock}; delete it if no process uses "
                         f"{lock.parent}.")
     try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        os.fsync(fd)
         yield
     finally:
+        # Delete, then unlock: a process that opened the old file meanwhile sees it is gone.
         lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _try_flock(fd: int) -> bool | None:
+    """Take an exclusive flock without waiting: True, False (another holds it), or None where
+    the file system has no flock."""
+    import fcntl  # POSIX only, like the rest of this project's file handling
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError as error:
+        if error.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            return None
+        raise
+
+
+def _holder(fd: int) -> dict:
+    """The holder recorded in an open lock file; {} while it is empty or half-written."""
+    try:
+        holder = json.loads(os.pread(fd, 1 << 16, 0).decode("utf-8") or "{}")
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
