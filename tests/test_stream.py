@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +23,7 @@ import usae_cache_files
 import usae_checkpoint
 import usae_core
 import usae_images
-from conftest import FakeBackbone, build_pair, fake_pair, write_images
+from conftest import ROOT, FakeBackbone, build_pair, fake_pair, write_images
 from usae_stream import StreamConfig, TokenStream
 
 TOKENS = 60
@@ -205,3 +210,65 @@ def test_training_on_a_stream_of_photos_end_to_end_and_resumes_exactly(shared_da
     assert fresh.chunks_extracted == 4
     for key, value in model.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+# ---- two gloo processes: every rank runs the same stream, usae_distributed slices it ----------
+
+DDP_STEPS = 6
+
+
+def ddp_model():
+    model = usae_core.USAE({"alpha": 8, "beta": 12}, n_concepts=16, k=2, seed=0)
+    for pair in model.pairs.values():  # its gradient is rounding noise (see test_distributed)
+        pair.linear.bias.requires_grad_(False)
+    return model
+
+
+def ddp_stream(images, out):
+    return stream(images, batch_size=64, record=Path(out) / "stream.json")
+
+
+def ddp_worker(out, images):
+    import usae_distributed as ud
+
+    ctx = ud.init()
+    model = ddp_model()
+    ud.train(model, ddp_stream(images, out), DDP_STEPS, 0, lr=0.01, progress=False)
+    torch.save(model.state_dict(), Path(out) / f"rank{ctx.rank}.pt")
+    ud.close()
+
+
+@pytest.mark.distributed
+def test_two_ranks_on_one_stream_train_as_one_process(folder, tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "WORLD_SIZE": "2", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    logs = [tmp_path / f"rank{r}.log" for r in range(2)]
+    processes = [subprocess.Popen([sys.executable, __file__, str(tmp_path), str(folder)],
+                                  cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                                  env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
+                 for r, log in enumerate(logs)]
+    deadline = time.monotonic() + 120
+    try:
+        while any(p.poll() is None for p in processes) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        for process in processes:  # a rank left waiting in a collective would hang forever
+            process.kill()
+            process.wait()
+    assert all(p.returncode == 0 for p in processes), "\n".join(
+        log.read_text()[-3000:] for log in logs)
+    states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    expected = ddp_model()
+    usae_core.train(expected, ddp_stream(folder, tmp_path / "one"), DDP_STEPS, 0, lr=0.01,
+                    progress=False)
+    for key, value in expected.state_dict().items():
+        assert torch.equal(states[0][key], states[1][key]), key
+        torch.testing.assert_close(states[0][key], value, rtol=1e-5, atol=1e-5, msg=key)
+    assert json.loads((tmp_path / "stream.json").read_text())["skipped"][0]["index"] == BROKEN
+
+
+if __name__ == "__main__":  # one rank of the two-process run above
+    ddp_worker(sys.argv[1], sys.argv[2])
