@@ -181,8 +181,8 @@ class TokenStream:
 
     Examples
     --------
-    >>> stream = TokenStream(backbones, "photos/train",
-    ...                      StreamConfig(batch_size=1024, record="runs/usae.stream.json"))
+    >>> stream = TokenStream(backbones, "photos/train", StreamConfig(
+    ...     batch_size=1024, record="runs/usae.stream.json"))  # doctest: +SKIP
     >>> model = usae_core.USAE(stream.widths, n_concepts=1024, k=16, seed=0)  # doctest: +SKIP
     >>> model.set_standardization(stream.statistics())  # doctest: +SKIP
     >>> usae_checkpoint.train(model, stream, 2000, checkpoint_path="runs/usae.safetensors",
