@@ -421,7 +421,7 @@ def _extract_images(backbones: list, images: ImageSet, folder: Path, state: dict
     pool = concurrent.futures.ThreadPoolExecutor(workers)
     try:
         def submit(start: int) -> list:
-            return [pool.submit(_load_for_models, images.absolute(i), backbones)
+            return [pool.submit(load_for_models, images.absolute(i), backbones)
                     for i in range(start, min(start + batch_size, stop))]
 
         pending = submit(starts[0]) if starts else []
@@ -437,7 +437,7 @@ def _extract_images(backbones: list, images: ImageSet, folder: Path, state: dict
                                              "reason": reason})
                 else:
                     good.append((start + offset, pixels))
-            blocks, failed = _extract(backbones, good, tokens, seed, device)
+            blocks, failed = extract_batch(backbones, good, tokens, seed, device)
             state["skipped"] += [{"index": i, "path": images.paths[i], "reason": reason}
                                  for i, reason in failed]
             cache_files.save_batch(folder, state, arrays, blocks,
@@ -448,7 +448,7 @@ def _extract_images(backbones: list, images: ImageSet, folder: Path, state: dict
         bar.close()
 
 
-def _load_for_models(path: Path, backbones: list) -> tuple[list[torch.Tensor] | None, str | None]:
+def load_for_models(path: Path, backbones: list) -> tuple[list[torch.Tensor] | None, str | None]:
     """Decode once, preprocess for every model; any failure skips the image for all of them."""
     opened = open_image(path)
     if opened.image is None:
@@ -459,7 +459,7 @@ def _load_for_models(path: Path, backbones: list) -> tuple[list[torch.Tensor] | 
         return None, f"preprocessing failed ({type(error).__name__}: {error})"
 
 
-def _extract(backbones: list, good: list[tuple[int, list[torch.Tensor]]], tokens: int,
+def extract_batch(backbones: list, good: list[tuple[int, list[torch.Tensor]]], tokens: int,
              seed: int, device: Any) -> tuple[dict[str, np.ndarray], list[tuple[int, str]]]:
     """Forward a batch of (image index, pixels per model) through every model.
 

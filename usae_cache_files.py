@@ -364,7 +364,14 @@ def token_positions(seed: int, image_index: int, grid_tokens: int, tokens: int) 
     return np.sort(rng.choice(grid_tokens, size=tokens, replace=False)).astype(np.int16)
 
 
-def _scalar_stats(array: np.ndarray, blocks: Sequence[int], tokens: int) -> tuple[float, float]:
+def statistics_sample(seed: int, count: int, sample: int) -> np.ndarray:
+    """Sorted indices of the ``min(sample, count)`` images, of ``count``, whose tokens give the
+    standardisation statistics: seeded, so that a cache and a stream draw the same images."""
+    return np.sort(np.random.default_rng([seed, _STATS_STREAM]).choice(
+        count, size=min(sample, count), replace=False))
+
+
+def scalar_stats(array: np.ndarray, blocks: Sequence[int], tokens: int) -> tuple[float, float]:
     """Scalar mean and unbiased std over all entries of the given row blocks, in float64.
 
     Two passes (mean, then squared deviations) instead of sum and sum of squares, which loses
@@ -414,12 +421,10 @@ def finalize(folder: Path, request: dict, models: list[dict], images: ImageSet, 
         index_files["positions"] = POSITIONS_FILE
 
     # Statistics over whole images, as the released code: a seeded sample of kept images.
-    n_sample = min(stats_sample, kept.size)
-    sample = np.sort(np.random.default_rng([seed, _STATS_STREAM]).choice(
-        kept.size, size=n_sample, replace=False))
+    sample = statistics_sample(seed, kept.size, stats_sample)
     for model in models:
         array = np.load(partial(folder / files[model["name"]]), mmap_mode="r")
-        model["mean"], model["std"] = _scalar_stats(array, sample, tokens)
+        model["mean"], model["std"] = scalar_stats(array, sample, tokens)
         del array
 
     metadata = {

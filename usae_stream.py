@@ -23,7 +23,7 @@ The order of the stream
 Images that fail, and exact resume
     An image that cannot be decoded or preprocessed, or whose activations are not finite in
     float16 for some model, is skipped for every model, as the cache skips it
-    (``usae_cache._load_for_models`` and ``usae_cache._extract`` are reused, so both skip the
+    (``usae_cache.load_for_models`` and ``usae_cache.extract_batch`` are reused, so both skip the
     same images and keep the same tokens); :attr:`TokenStream.skipped` lists each with its
     reason. A skipped image shifts every later row, so where batch ``s`` begins depends on which
     earlier images failed. The stream learns that only by trying an image once, and it records
@@ -66,7 +66,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import usae_cache_files as cache_files
 import usae_io
-from usae_cache import _extract, _load_for_models
+from usae_cache import extract_batch, load_for_models
 from usae_checks import is_int, require_device, require_seed
 from usae_images import ImageSet, list_images
 
@@ -151,7 +151,7 @@ class _Decode(Dataset):
 
     def __getitem__(self, k: int) -> tuple[int, list | None, str | None]:
         index = int(self.indices[k])
-        pixels, reason = _load_for_models(self.images.absolute(index), self.backbones)
+        pixels, reason = load_for_models(self.images.absolute(index), self.backbones)
         return index, pixels, reason
 
 
@@ -360,7 +360,7 @@ class TokenStream:
         step = self.config.forward_images
         for start in range(0, len(good), step):
             group = good[start:start + step]
-            blocks, failed = _extract(self.backbones, group, self.tokens_per_image,
+            blocks, failed = extract_batch(self.backbones, group, self.tokens_per_image,
                                       self.config.seed, self.device)
             failures.update(failed)
             for name, rows in blocks.items():
@@ -379,10 +379,11 @@ class TokenStream:
         for index in members[known].tolist():
             if (index in failures) != bool(self._failed[index]):
                 was = self.skipped.get(index, {}).get("reason", "decoded and used")
+                now = "fails" if index in failures else "is usable"
                 raise RuntimeError(
-                    f"image {self.images.paths[index]} now {'fails' if index in failures else 'is usable'}"
-                    f" but was {was!r} before: the images changed during the run, so the row "
-                    f"offsets are no longer exact; delete the stream record "
+                    f"image {self.images.paths[index]} now {now} but was {was!r} before: the "
+                    "images changed during the run, so the row offsets are no longer exact; "
+                    f"delete the stream record "
                     f"({self.config.record}) and start training afresh.")
         if known.all():
             return
@@ -500,7 +501,7 @@ class TokenStream:
     def statistics(self, sample_images: int = 1000) -> dict[str, tuple[float, float]]:
         """Scalar (mean, unbiased std) per model over every kept token of a seeded sample of
         images, for ``model.set_standardization``: the cache's definition
-        (``usae_cache_files._scalar_stats``), and the cache's sample when no image is skipped
+        (``usae_cache_files.scalar_stats``), and the cache's sample when no image is skipped
         (failing images of the sample are left out; the sample is not topped up).
 
         Costs one extraction of ``min(sample_images, n_images)`` images.
@@ -508,12 +509,10 @@ class TokenStream:
         if not is_int(sample_images, 1):
             raise ValueError(f"sample_images must be a positive integer, got {sample_images!r}.")
         self._prepare()
-        n = min(sample_images, self.n_images)
-        sample = np.sort(np.random.default_rng([self.config.seed, cache_files._STATS_STREAM])
-                         .choice(self.n_images, size=n, replace=False))
+        sample = cache_files.statistics_sample(self.config.seed, self.n_images, sample_images)
         data, kept, failures = self._forward(list(self._decoded(sample)))
         if not kept:
-            raise ValueError(f"none of the {n} sampled images could be used (e.g. "
+            raise ValueError(f"none of the {len(sample)} sampled images could be used (e.g. "
                              f"{next(iter(failures.values()))}); check the folder.")
-        return {name: cache_files._scalar_stats(rows, np.arange(len(kept)), self.tokens_per_image)
+        return {name: cache_files.scalar_stats(rows, np.arange(len(kept)), self.tokens_per_image)
                 for name, rows in data.items()}

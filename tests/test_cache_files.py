@@ -30,7 +30,7 @@ def test_scalar_statistics_keep_the_std_of_a_large_mean():
     array = (40 + 0.25 * rng.standard_normal((100 * tokens, width))).astype(np.float16)
     chosen = sorted(rng.choice(100, size=70, replace=False).tolist())
     rows = np.concatenate([array[i * tokens:(i + 1) * tokens] for i in chosen]).astype(np.float64)
-    mean, std = cache_files._scalar_stats(array, chosen, tokens)
+    mean, std = cache_files.scalar_stats(array, chosen, tokens)
     assert mean == pytest.approx(rows.mean(), rel=1e-12)
     assert std == pytest.approx(rows.std(ddof=1), rel=1e-9)
 
