@@ -126,7 +126,8 @@ def test_shared_scale_keeps_weak_maps_weak_and_numbers_never_print_minus_zero():
     strong, weak = np.zeros((GRID, GRID)), np.zeros((GRID, GRID))
     strong[3, 5], weak[3, 5] = 4.0, 1.0
     scaled = ex.scale_heatmap(np.stack([strong, weak]), 4.0, 112)
-    assert scaled.max() == 1.0 and scaled[1].max() == pytest.approx(0.25, abs=0.02)
+    assert 0.9 < scaled[0].max() <= 1.0  # bicubic peaks near, not always on, the cell value
+    assert scaled[1].max() == pytest.approx(scaled[0].max() / 4, rel=1e-5)  # a quarter as hot
     assert ex.upsample_heatmap(weak, 112).max() == pytest.approx(1.0)  # min-max: as hot
     assert not ex.scale_heatmap(weak, 0.0, 56).any()
     r2 = np.full((GRID, GRID), 0.5)
