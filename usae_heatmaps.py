@@ -353,8 +353,10 @@ def image_tag(picture: np.ndarray, *, width: int | None = None, title: str = "",
 
 
 def number(value: float, digits: int = 3) -> str:
-    """``value`` to ``digits`` significant digits, never ``-0`` (a tiny negative prints 0)."""
-    text = f"{float(value):.{digits}g}"
+    """``value`` to ``digits`` significant digits, never ``-0``: a negative within 1e-9 of 0
+    (float rounding of a quantity that cannot be negative) prints 0."""
+    value = 0.0 if -1e-9 < float(value) <= 0 else float(value)
+    text = f"{value:.{digits}g}"
     return "0" if float(text) == 0 else text
 
 
