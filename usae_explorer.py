@@ -121,7 +121,8 @@ class Neighbour(NamedTuple):
 
 def nearest_by_cofiring(codes: Mapping[str, analysis.SparseCodes], concept: int,
                         fires: np.ndarray, *, count: int = 8,
-                        threshold: float = analysis.FIRING_THRESHOLD) -> list[Neighbour]:
+                        threshold: float = analysis.FIRING_THRESHOLD,
+                        hits: Mapping[str, Hits] | None = None) -> list[Neighbour]:
     """Concepts that fire on the same tokens as ``concept``, by pooled Jaccard index.
 
     For each model, the tokens where ``concept`` fires (code above ``threshold``) are read and
@@ -134,6 +135,8 @@ def nearest_by_cofiring(codes: Mapping[str, analysis.SparseCodes], concept: int,
     ----------
     fires : ndarray
         ``M x n`` firing counts of the same codes at the same threshold (``ConceptStats.fires``).
+    hits : mapping, optional
+        Model -> :func:`concept_hits` of ``concept``, when already found.
 
     Returns
     -------
@@ -144,12 +147,12 @@ def nearest_by_cofiring(codes: Mapping[str, analysis.SparseCodes], concept: int,
     n = fires.shape[1]
     assert fires.shape[0] == len(codes), (fires.shape, list(codes))
     together = np.zeros(n, dtype=np.int64)
-    for model in codes.values():
-        hits = concept_hits(model, concept)
-        rows = torch.from_numpy(hits.rows[hits.values > threshold])  # distinct: TopK
-        indices = model.indices[rows].long()
-        fired = model.values[rows].float() > threshold
-        together += np.bincount(indices[fired].numpy(), minlength=n)
+    for name, model in codes.items():
+        found = concept_hits(model, concept) if hits is None else hits[name]
+        rows = found.rows[found.values > threshold]  # distinct: TopK indices are
+        fired = model.values.numpy()[rows].astype(np.float32) > threshold
+        together += np.bincount(model.indices.numpy()[rows][fired].astype(np.int64),
+                                minlength=n)
     together[concept] = 0
     totals = fires.sum(axis=0).astype(np.float64)
     union = totals[concept] + totals - together
@@ -319,6 +322,7 @@ class ConceptExplorer:
         self._orders: dict[str, np.ndarray] = {}
         self._hits: dict[int, dict[str, Hits]] = {}  # a few recent concepts (LRU by insertion)
         self._labels: list[str] | None = None
+        self._translations: dict[tuple[int, str, str], Translation] = {}
         self.controls = None  # the widgets, once widget() has built them
 
     @classmethod
@@ -412,7 +416,8 @@ class ConceptExplorer:
         """Concepts near ``concept``: ``"co-firing"`` (:func:`nearest_by_cofiring`, pooled
         Jaccard index of firing tokens) or ``"dictionary cosine"`` (needs the model)."""
         if by == "co-firing":
-            return nearest_by_cofiring(self.codes, concept, self.fires, count=count)
+            return nearest_by_cofiring(self.codes, concept, self.fires, count=count,
+                                       hits=self.hits(concept))
         if by != "dictionary cosine":
             raise ValueError(f"unknown neighbourhood {by!r}: choose one of {NEAREST_BY}.")
         if self.model is None:
@@ -492,8 +497,14 @@ class ConceptExplorer:
             if name not in self.names:
                 raise ValueError(f"unknown model {name!r}: choose one of {self.names}.")
         self._check_image(image)
-        acts = self.activations(image)
-        result = translation_r2(self.model, source, target, acts[source], acts[target])
+        key = (int(image), source, target)
+        if key not in self._translations:  # a view redraws its pairs: compute each once
+            if len(self._translations) >= 64:
+                self._translations.pop(next(iter(self._translations)))
+            acts = self.activations(image)
+            self._translations[key] = translation_r2(self.model, source, target, acts[source],
+                                                     acts[target])
+        result = self._translations[key]
         picture = np.full(self.grid * self.grid, np.nan)
         places = (np.arange(self.tokens_per_image) if self.positions is None
                   else np.asarray(self.positions)[image])

@@ -78,10 +78,11 @@ def concept_heatmaps(codes: analysis.SparseCodes, images: Sequence[int], concept
         raise ValueError(f"{len(codes)} code rows is not a whole number of {tokens}-token images.")
     if images.size and (images.min() < 0 or images.max() >= n_images):
         raise IndexError(f"image indices must be in 0..{n_images - 1}.")
-    rows = torch.from_numpy(images[:, None] * tokens + np.arange(tokens))
-    # TopK indices are distinct within a token, so at most one of the k slots matches.
-    hits = codes.indices[rows].long() == concept
-    heat = (codes.values[rows].float() * hits).sum(dim=-1).numpy()
+    rows = images[:, None] * tokens + np.arange(tokens)
+    # numpy: torch's advanced indexing of a large tensor costs ms per call (the explorer's
+    # latency). TopK indices are distinct within a token, so at most one of the k slots matches.
+    hits = codes.indices.numpy()[rows] == concept
+    heat = (codes.values.numpy()[rows].astype(np.float32) * hits).sum(axis=-1)
     maps = np.zeros((len(images), grid * grid), dtype=np.float32)
     if positions is None:
         maps[:] = heat
