@@ -1,44 +1,42 @@
-"""Concept heatmaps, qualitative figures and an ipywidgets concept explorer (spec 5.7).
+"""The concept explorer's logic: orders, search, top images, statistics, histograms, nearest
+concepts, an image's concepts and the USAE's translation between models (spec 5.7).
 
-Three layers, each usable without the next:
-
-1. **Heatmaps**: a concept's code on each token of an image, placed on the model grid
-   (:func:`concept_heatmaps`), upsampled and min-max normalised (:func:`upsample_heatmap`) and
-   laid over the image as the models see it (:func:`overlay`), as the released code.
-2. **Figures**: :func:`plot_concept_grid` (paper Fig. 4: one concept, every model's top images)
-   and :func:`plot_image_concepts` (which concepts fire on one image, per model). They return
-   :class:`matplotlib.figure.Figure` objects made without pyplot, so nothing is shown or kept
-   alive behind the caller's back: a notebook displays or saves them.
-3. **Explorer**: :class:`ConceptExplorer` holds the data (sparse codes, statistics, an image
-   source) and the pure logic (concept orderings, top images, statistics, an image's concepts);
-   :meth:`ConceptExplorer.widget` only wires ipywidgets to it, and
-   :meth:`ConceptExplorer.static_view` gives a figure for executed notebooks without a kernel.
+:class:`ConceptExplorer` holds the data (sparse codes, statistics, an image source, optionally
+the image activations and the USAE) and answers every question the explorer asks, as plain
+values that tests check without a browser. The pictures are :mod:`usae_heatmaps`' (the paper
+figures: :meth:`ConceptExplorer.concept_figure`, :meth:`ConceptExplorer.static_view`), the
+ipywidgets layer is :mod:`usae_explorer_widgets` (:meth:`ConceptExplorer.widget`).
 
 Image indices are *cached* image indices: image ``i`` owns code rows ``i * T .. (i + 1) * T - 1``
 (``row // T``); :class:`CacheImages` maps them to files. Imports ``usae_analysis``,
-``usae_cache`` (the cache's image list) and ``usae_images`` (decoding).
+``usae_cache`` and ``usae_heatmaps`` (whose names are re-exported here, as before the split).
 """
 from __future__ import annotations
 
-import base64
-import functools
 import html
-import io
 import sys
-from types import SimpleNamespace
-from typing import Mapping, NamedTuple, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
-import matplotlib
-import matplotlib.patches
 import numpy as np
 import torch
-import torch.nn.functional as F
 from matplotlib.figure import Figure
 from PIL import Image
 
 import usae_analysis as analysis
 import usae_cache
-import usae_images
+from usae_heatmaps import (SHARED_ALL, SHARED_SOME, UNSHARED, CacheImages,
+                           ImageConcepts, NotebookFigure, _label, _tokens_per_image,
+                           concept_heatmaps, figure_png, overlay, plot_concept_grid,
+                           plot_image_concepts, scale_heatmap, squash, upsample_heatmap)
+from usae_heatmaps import fixed as _fixed, number as _number
+
+__all__ = [  # the heatmap names are re-exported: callers of the unsplit module keep working
+    "SHARED_ALL", "SHARED_SOME", "UNSHARED", "CacheImages", "ImageConcepts", "NotebookFigure",
+    "concept_heatmaps", "figure_png", "overlay", "plot_concept_grid", "plot_image_concepts",
+    "scale_heatmap", "squash", "upsample_heatmap", "SORT_KEYS", "NEAREST_BY", "image_concepts",
+    "Hits", "concept_hits", "Histograms", "activation_histograms", "Neighbour",
+    "nearest_by_cofiring", "nearest_by_dictionary", "Translation", "mean_token",
+    "translation_r2", "CacheActivations", "ConceptExplorer"]
 
 SORT_KEYS = {  # label -> (statistic, largest first); co-fire proportion: mean over models
     "energy": ("energy", True),
@@ -46,121 +44,11 @@ SORT_KEYS = {  # label -> (statistic, largest first); co-fire proportion: mean o
     "co-fire proportion": ("cofire_proportion", True),
     "model-unique (low entropy)": ("firing_entropy", False),
 }
-SHARED_ALL, SHARED_SOME, UNSHARED = "tab:orange", "tab:green", "tab:gray"  # bar colours
+NEAREST_BY = ("co-firing", "dictionary cosine")
 
 
 # ----------------------------------------------------------------------------------------------
-# Heatmaps
-
-
-def _tokens_per_image(grid: int, positions: np.ndarray | None) -> int:
-    return grid * grid if positions is None else int(positions.shape[1])
-
-
-def concept_heatmaps(codes: analysis.SparseCodes, images: Sequence[int], concept: int, *,
-                     grid: int = 14, positions: np.ndarray | None = None) -> np.ndarray:
-    """``len(images) x grid x grid`` code of ``concept`` at every grid position of each image.
-
-    Parameters
-    ----------
-    codes : SparseCodes
-        One model's codes, rows grouped by image (``T`` consecutive rows per image).
-    images : sequence of int
-        Cached image indices.
-    concept : int
-    grid : int
-        Side of the token grid (14 for the paper's models).
-    positions : ndarray, optional
-        ``n_images x T`` grid position (row-major) of each row, as ``Cache.positions``. ``None``
-        means every position is kept, in raster order (``T = grid * grid``). Positions a
-        subsampled cache did not keep stay at 0.
-
-    Returns
-    -------
-    ndarray
-        float32 heatmaps.
-    """
-    tokens = _tokens_per_image(grid, positions)
-    n_images = len(codes) // tokens
-    images = np.asarray(images, dtype=np.int64).reshape(-1)
-    if n_images * tokens != len(codes):
-        raise ValueError(f"{len(codes)} code rows is not a whole number of {tokens}-token images.")
-    if images.size and (images.min() < 0 or images.max() >= n_images):
-        raise IndexError(f"image indices must be in 0..{n_images - 1}.")
-    rows = torch.from_numpy(images[:, None] * tokens + np.arange(tokens))
-    # TopK indices are distinct within a token, so at most one of the k slots matches.
-    hits = codes.indices[rows].long() == concept
-    heat = (codes.values[rows].float() * hits).sum(dim=-1).numpy()
-    maps = np.zeros((len(images), grid * grid), dtype=np.float32)
-    if positions is None:
-        maps[:] = heat
-    else:
-        np.put_along_axis(maps, np.asarray(positions)[images].astype(np.int64), heat, axis=1)
-    return maps.reshape(len(images), grid, grid)
-
-
-def upsample_heatmap(heatmap: np.ndarray, size: int = 224) -> np.ndarray:
-    """Bicubic upsampling to ``size x size`` then min-max normalisation to [0, 1].
-
-    torch's bicubic (a = -0.75, half-pixel centres, clamped borders) is the kernel of the
-    released code's ``cv2.INTER_CUBIC``. As there, cubic overshoot is kept and absorbed by the
-    min-max step; a constant map becomes all zeros. Accepts ``h x w`` or ``n x h x w``.
-    """
-    heat = torch.as_tensor(np.asarray(heatmap, dtype=np.float32))
-    single = heat.ndim == 2
-    heat = heat.reshape(-1, 1, *heat.shape[-2:])
-    heat = F.interpolate(heat, size=(size, size), mode="bicubic", align_corners=False)[:, 0]
-    heat = heat.numpy()  # the rest in numpy: small tensors pay torch's per-op overhead
-    low = heat.min(axis=(1, 2), keepdims=True)
-    span = heat.max(axis=(1, 2), keepdims=True) - low
-    heat = np.divide(heat - low, span, out=np.zeros_like(heat), where=span > 0)
-    return heat[0] if single else heat
-
-
-def squash(image: Image.Image, size: int = 224) -> np.ndarray:
-    """``size x size x 3`` uint8: the image resized without keeping its aspect, as every
-    backbone's preprocessing does (spec 1.3), so heatmap cells land on the right pixels."""
-    return np.asarray(image.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.uint8)
-
-
-def overlay(image: Image.Image, heatmap: np.ndarray, size: int = 224, *, alpha: float = 1.0,
-            cmap: str = "viridis") -> np.ndarray:
-    """Heatmap over the squashed image: ``size x size x 3`` uint8.
-
-    The heatmap goes through :func:`upsample_heatmap`, then is coloured with ``cmap`` whose
-    opacity ramps from 0 (no heat: the image shows unchanged) to ``alpha`` (hottest pixel), as
-    overcomplete's ``VIRIDIS_ALPHA`` used by the released code.
-    """
-    base = squash(image, size).astype(np.float32) / 255
-    heat = upsample_heatmap(heatmap, size)
-    colours = matplotlib.colormaps[cmap](heat)[..., :3]
-    opacity = alpha * heat[..., None]
-    mixed = base * (1 - opacity) + colours * opacity
-    return np.clip(np.rint(mixed * 255), 0, 255).astype(np.uint8)
-
-
-# ----------------------------------------------------------------------------------------------
-# An image's concepts, per model
-
-
-class ImageConcepts(NamedTuple):
-    """The concepts of one image, per model.
-
-    Attributes
-    ----------
-    image : int
-    per_model : dict
-        Model name -> list of ``(concept, mean code over the image)``, largest first.
-    shared : dict
-        Concept -> the models in which it fires on this image (some token's code above the
-        firing threshold), for listed concepts that fire in at least two models.
-    n_models : int
-    """
-
-    image: int
-    per_model: dict[str, list[tuple[int, float]]]
-    shared: dict[int, list[str]]
-    n_models: int
+# Pure functions of codes, dictionaries and activations
 
 
 def image_concepts(codes: Mapping[str, analysis.SparseCodes], image: int, tokens_per_image: int,
@@ -185,137 +73,178 @@ def image_concepts(codes: Mapping[str, analysis.SparseCodes], image: int, tokens
                          len(codes))
 
 
-# ----------------------------------------------------------------------------------------------
-# Figures
+class Hits(NamedTuple):
+    """Where one concept is among a model's k selected codes: ``rows`` (increasing) and the
+    code ``values`` there (float32; zero when TopK kept a concept with no activation)."""
+
+    rows: np.ndarray
+    values: np.ndarray
 
 
-class NotebookFigure(Figure):
-    """A Figure that Jupyter shows as PNG even when pyplot (and so the inline backend's
-    formatter) was never imported: the kernel falls back to ``_repr_png_``."""
-
-    def _repr_png_(self) -> bytes:
-        return figure_png(self)
+def concept_hits(codes: analysis.SparseCodes, concept: int) -> Hits:
+    """The rows of ``codes`` that selected ``concept`` and its value on each: one pass."""
+    token, slot = torch.nonzero(codes.indices == concept, as_tuple=True)
+    return Hits(token.numpy(), codes.values[token, slot].float().numpy())
 
 
-def plot_concept_grid(overlays: Mapping[int, Mapping[str, Sequence[np.ndarray]]], *,
-                      titles: Mapping[int, str] | None = None,
-                      subtitles: Mapping[tuple[int, str], str] | None = None,
-                      captions: Mapping[tuple[int, str], Sequence[str]] | None = None,
-                      panel_size: float = 1.6) -> Figure:
-    """Concepts as rows, models as column groups, each group that model's top images.
+class Histograms(NamedTuple):
+    """Per-model histograms of one concept's positive codes on shared bins.
+
+    Attributes
+    ----------
+    edges : ndarray
+        ``bins + 1`` bin edges from 0 to the largest code over all models.
+    counts : dict
+        Model -> ``bins`` token counts (tokens where the code is 0 are not counted).
+    """
+
+    edges: np.ndarray
+    counts: dict[str, np.ndarray]
+
+
+def activation_histograms(hits: Mapping[str, Hits], bins: int = 24) -> Histograms:
+    """Histograms of every model's positive codes of a concept, on one set of bins so the
+    models compare bar by bar. A concept no model activates gets edges 0..1 and zero counts."""
+    if not (isinstance(bins, int) and bins >= 1):
+        raise ValueError(f"bins must be a positive integer, got {bins!r}.")
+    positive = {name: h.values[h.values > 0] for name, h in hits.items()}
+    top = max([float(v.max()) for v in positive.values() if v.size] + [0.0])
+    edges = np.linspace(0.0, top if top > 0 else 1.0, bins + 1)
+    return Histograms(edges, {name: np.histogram(v, edges)[0] for name, v in positive.items()})
+
+
+class Neighbour(NamedTuple):
+    concept: int
+    score: float  # Jaccard index of firing tokens, or mean dictionary cosine over models
+    together: int  # tokens where both fire in the same model (0 for dictionary cosine)
+
+
+def nearest_by_cofiring(codes: Mapping[str, analysis.SparseCodes], concept: int,
+                        fires: np.ndarray, *, count: int = 8,
+                        threshold: float = analysis.FIRING_THRESHOLD,
+                        hits: Mapping[str, Hits] | None = None) -> list[Neighbour]:
+    """Concepts that fire on the same tokens as ``concept``, by pooled Jaccard index.
+
+    For each model, the tokens where ``concept`` fires (code above ``threshold``) are read and
+    every other concept firing on them counted: ``together[d]`` sums these over models. The
+    score is ``together / (fires_c + fires_d - together)`` with fires summed over models,
+    the Jaccard index of the two concepts' firing token sets, pooled over models. Only the
+    rows where the concept fires are read, so a query costs one pass over the indices.
 
     Parameters
     ----------
-    overlays : mapping
-        Concept -> model name -> RGB images (e.g. from :func:`overlay`). Groups may hold fewer
-        images than the widest one; their spare panels stay blank.
-    titles : mapping, optional
-        Row title per concept (default ``concept <id>``).
-    subtitles : mapping, optional
-        Group header per ``(concept, model)`` (default the model name).
-    captions : mapping, optional
-        One caption per image per ``(concept, model)``.
-    panel_size : float
-        Inches per image.
+    fires : ndarray
+        ``M x n`` firing counts of the same codes at the same threshold (``ConceptStats.fires``).
+    hits : mapping, optional
+        Model -> :func:`concept_hits` of ``concept``, when already found.
 
     Returns
     -------
-    Figure
-        ``concepts x models x images`` axes (blank ones included).
+    list of Neighbour
+        Up to ``count`` concepts with ``together > 0``, best first, ties by id.
     """
-    concepts = list(overlays)
-    models = list(dict.fromkeys(m for c in concepts for m in overlays[c]))
-    width = max([1] + [len(overlays[c].get(m, ())) for c in concepts for m in models])
-    figure = NotebookFigure(figsize=(panel_size * width * len(models) + 0.3 * len(models),
-                             (panel_size + 0.7) * len(concepts)), layout="constrained")
-    rows = np.atleast_1d(figure.subfigures(len(concepts), 1))
-    for concept, row in zip(concepts, rows):
-        row.suptitle((titles or {}).get(concept, f"concept {concept}"), fontsize=11,
-                     fontweight="bold")
-        groups = np.atleast_1d(row.subfigures(1, len(models), wspace=0.02))
-        for model, group in zip(models, groups):
-            group.suptitle((subtitles or {}).get((concept, model), model), fontsize=9)
-            pictures = list(overlays[concept].get(model, ()))
-            notes = list((captions or {}).get((concept, model), ()))
-            for slot, axis in enumerate(np.atleast_1d(group.subplots(1, width))):
-                axis.set_axis_off()
-                if slot < len(pictures):
-                    axis.imshow(pictures[slot])
-                    if slot < len(notes):
-                        axis.set_title(notes[slot], fontsize=7)
-    return figure
+    fires = np.asarray(fires)
+    n = fires.shape[1]
+    assert fires.shape[0] == len(codes), (fires.shape, list(codes))
+    together = np.zeros(n, dtype=np.int64)
+    for name, model in codes.items():
+        found = concept_hits(model, concept) if hits is None else hits[name]
+        rows = found.rows[found.values > threshold]  # distinct: TopK indices are
+        fired = model.values.numpy()[rows].astype(np.float32) > threshold
+        together += np.bincount(model.indices.numpy()[rows][fired].astype(np.int64),
+                                minlength=n)
+    together[concept] = 0
+    totals = fires.sum(axis=0).astype(np.float64)
+    union = totals[concept] + totals - together
+    score = np.divide(together, union, out=np.zeros(n), where=union > 0)
+    candidates = np.flatnonzero(together > 0)
+    order = candidates[np.lexsort((candidates, -score[candidates]))][:count]
+    return [Neighbour(int(d), float(score[d]), int(together[d])) for d in order]
 
 
-def plot_image_concepts(image: Image.Image, found: ImageConcepts, *, size: int = 224,
-                        title: str | None = None) -> Figure:
-    """The image, then one bar chart per model of its top concepts (mean code).
-
-    Bars are coloured by how widely the concept fires on this image: in every model, in
-    some other models, or in this model only.
-    """
-    models = list(found.per_model)
-    figure = NotebookFigure(figsize=(2.6 * (len(models) + 1), 3.0), layout="constrained")
-    axes = figure.subplots(1, len(models) + 1)
-    axes[0].imshow(squash(image, size))
-    axes[0].set_axis_off()
-    axes[0].set_title(title or f"image {found.image}", fontsize=9)
-    for name, axis in zip(models, axes[1:]):
-        pairs = found.per_model[name]
-        colours = [SHARED_ALL if len(found.shared.get(c, ())) == found.n_models
-                   else SHARED_SOME if c in found.shared else UNSHARED for c, _ in pairs]
-        axis.barh(range(len(pairs)), [v for _, v in pairs], color=colours)
-        axis.set_yticks(range(len(pairs)), [str(c) for c, _ in pairs], fontsize=8)
-        axis.invert_yaxis()  # best concept on top
-        axis.set_title(name, fontsize=10)
-        axis.set_xlabel("mean code on image", fontsize=8)
-        axis.tick_params(axis="x", labelsize=7)
-        axis.spines[["top", "right"]].set_visible(False)
-    handles = [matplotlib.patches.Patch(color=c, label=l) for c, l in
-               ((SHARED_ALL, "fires in all models"), (SHARED_SOME, "fires in some models"),
-                (UNSHARED, "this model only"))]
-    figure.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=8, frameon=False)
-    return figure
+def nearest_by_dictionary(dictionaries: Mapping[str, torch.Tensor], concept: int, *,
+                          count: int = 8) -> list[Neighbour]:
+    """Concepts whose dictionary rows point the same way as ``concept``'s: the cosine of the
+    two rows in each model's dictionary, averaged over models (largest first, ties by id)."""
+    total = None
+    for dictionary in dictionaries.values():
+        rows = dictionary.detach().double()
+        rows = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        cosine = rows @ rows[concept]
+        total = cosine if total is None else total + cosine
+    score = (total / len(dictionaries)).numpy()
+    others = np.delete(np.arange(len(score)), concept)
+    order = others[np.lexsort((others, -score[others]))][:count]
+    return [Neighbour(int(d), float(score[d]), 0) for d in order]
 
 
-# ----------------------------------------------------------------------------------------------
-# Image sources: anything with a length and a PIL image per cached index (a list of images
-# qualifies); an optional ``label(index) -> str`` is used in captions.
+class Translation(NamedTuple):
+    """Model A's tokens of one image encoded, then decoded into model B.
 
-
-class CacheImages:
-    """The images of a :class:`usae_cache.Cache`, by cached image index (``row // T``).
-
-    Files are decoded with :func:`usae_images.open_image`; one that cannot be read (or a
-    synthetic cache's, which has no files) gives a grey placeholder, so browsing never stops
-    on a bad file. The ``keep`` most recently used images are kept in memory.
+    Attributes
+    ----------
+    r2 : ndarray
+        Per-token R² of B's reconstruction (see :func:`translation_r2`).
+    image_r2 : float
+        The same ratio over all the image's tokens: ``1 - sum ||b - b_hat||² / sum ||b - b_mean||²``.
     """
 
-    def __init__(self, cache: usae_cache.Cache, *, keep: int = 64):
-        self.images = cache.images
-        self.kept = np.asarray(cache.kept_images)
-        self.failures: dict[int, str] = {}
-        self._decoded = functools.lru_cache(maxsize=keep)(self._decode)
-
-    def __len__(self) -> int:
-        return len(self.kept)
-
-    def __getitem__(self, index: int) -> Image.Image:
-        return self._decoded(int(index))
-
-    def _decode(self, index: int) -> Image.Image:
-        opened = usae_images.open_image(self.images.absolute(int(self.kept[index])))
-        if opened.image is None:
-            self.failures[index] = opened.reason
-            return Image.new("RGB", (224, 224), (128, 128, 128))
-        return opened.image
-
-    def label(self, index: int) -> str:
-        return self.images.labels[int(self.kept[index])]
+    r2: np.ndarray
+    image_r2: float
 
 
-def _label(images: Sequence[Image.Image], index: int) -> str:
-    name = images.label(index) if hasattr(images, "label") else ""
-    return f"#{index} {name}".strip()
+def mean_token(model, name: str) -> torch.Tensor:
+    """Model ``name``'s mean token as the USAE's standardisation knows it: its per-channel mean
+    over the training cache's standardisation sample when channels are centred (the offline
+    preset), else its scalar mean in every channel (the released standardisation)."""
+    return model.unstandardize(name, torch.zeros(1, model.dims[name]))[0].detach()
+
+
+@torch.no_grad()
+def translation_r2(model, source: str, target: str, source_acts, target_acts,
+                   target_mean=None) -> Translation:
+    """Per-token R² of decode_B(encode_A(a)) against B's own tokens of the same image.
+
+    ``r2[t] = 1 - ||b_t - b_hat_t||² / ||b_t - b_mean||²`` in B's raw activation space, where
+    ``b_mean`` is ``target_mean`` (default: :func:`mean_token`, B's mean token from the USAE's
+    standardisation). 1 is a perfect translation, 0 no better than the mean token, negative
+    worse. The model is run in eval mode (BatchNorm on its running statistics) and left in
+    the mode it was in.
+
+    Parameters
+    ----------
+    source_acts, target_acts : array or Tensor
+        ``T x d_A`` and ``T x d_B`` raw activations of the same tokens (rows aligned).
+    """
+    a = torch.as_tensor(np.asarray(source_acts), dtype=torch.float32)
+    b = torch.as_tensor(np.asarray(target_acts), dtype=torch.float64)
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"source and target activations must hold the same tokens, got "
+                         f"{a.shape[0]} and {b.shape[0]} rows.")
+    mean = mean_token(model, target) if target_mean is None else torch.as_tensor(target_mean)
+    training = model.training
+    model.eval()
+    try:
+        recon = model.decode(target, model.encode(source, a)).double()
+    finally:
+        model.train(training)
+    error = (b - recon).square().sum(dim=1)
+    spread = (b - mean.double()).square().sum(dim=1)
+    r2 = 1 - error / spread.clamp_min(1e-12)
+    return Translation(r2.numpy(), float(1 - error.sum() / spread.sum().clamp_min(1e-12)))
+
+
+class CacheActivations:
+    """``activations(image) -> {model: T x d float32}``: one image's rows of a cache's arrays
+    (only those rows are read from the memmaps)."""
+
+    def __init__(self, cache: usae_cache.Cache):
+        self.arrays, self.tokens = cache.arrays, cache.tokens_per_image
+
+    def __call__(self, image: int) -> dict[str, np.ndarray]:
+        rows = slice(int(image) * self.tokens, (int(image) + 1) * self.tokens)
+        return {name: np.asarray(array[rows], dtype=np.float32)
+                for name, array in self.arrays.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,7 +252,8 @@ def _label(images: Sequence[Image.Image], index: int) -> str:
 
 
 class ConceptExplorer:
-    """Browse concepts across models: top images with heatmaps, statistics, an image's concepts.
+    """Browse concepts across models: top images with heatmaps, statistics, histograms, nearest
+    concepts, an image's concepts, and the translation of an image from one model to another.
 
     Parameters
     ----------
@@ -332,7 +262,7 @@ class ConceptExplorer:
         row-aligned across models and with the image source.
     images : sequence of PIL images
         One image per cached image index, e.g. a list or :class:`CacheImages`; an optional
-        ``label(index) -> str`` method gives captions.
+        ``label(index) -> str`` method gives captions and the image search.
     stats : usae_analysis.ConceptStats
         From :func:`usae_analysis.concept_statistics` on the same codes.
     energies : Tensor or ndarray, optional
@@ -347,18 +277,31 @@ class ConceptExplorer:
         same images (the released demo); by default each model shows its own top images.
     include_dead : bool
         List concepts that never fire in any model too (they have nothing to show).
+    model : usae_core.USAE, optional
+        The USAE that made the codes: nearest concepts by dictionary cosine and, with
+        ``activations``, the translation view need it.
+    activations : callable, optional
+        ``activations(image) -> {model: T x d raw activations}`` of one cached image, rows as
+        the codes' (:class:`CacheActivations` for a cache).
     """
 
     def __init__(self, codes: Mapping[str, analysis.SparseCodes], images: Sequence[Image.Image],
                  stats: analysis.ConceptStats, *, energies=None, grid: int = 14,
                  positions: np.ndarray | None = None, top_n: int = 5,
-                 shared_ranking: bool = False, include_dead: bool = False):
+                 shared_ranking: bool = False, include_dead: bool = False, model=None,
+                 activations: Callable[[int], Mapping[str, np.ndarray]] | None = None):
         if list(codes) != list(stats.names):
             raise ValueError(f"codes are for models {list(codes)}, stats for {stats.names}.")
+        if not (isinstance(top_n, (int, np.integer)) and top_n >= 1):
+            raise ValueError(f"top_n must be a positive integer, got {top_n!r}.")
+        if model is not None and set(model.names) != set(codes):
+            raise ValueError(f"the model is over {model.names}, the codes over {list(codes)}: "
+                             "pass the USAE that encoded these codes.")
         self.names, self.codes, self.images = list(stats.names), dict(codes), images
         self.grid, self.positions = grid, positions
         self.tokens_per_image = _tokens_per_image(grid, positions)
         self.n_images = len(next(iter(codes.values()))) // self.tokens_per_image
+        self.n_concepts = next(iter(codes.values())).n_concepts
         rows = {name: len(c) for name, c in codes.items()}
         if set(rows.values()) != {self.n_images * self.tokens_per_image}:
             raise ValueError(f"codes must hold whole {self.tokens_per_image}-token images, "
@@ -366,7 +309,8 @@ class ConceptExplorer:
         if len(images) < self.n_images:
             raise ValueError(f"the image source has {len(images)} images, the codes "
                              f"{self.n_images}.")
-        self.top_n, self.shared_ranking = top_n, shared_ranking
+        self.top_n, self.shared_ranking = int(top_n), shared_ranking
+        self.model, self.activations = model, activations
         self.fires, self.cofires = stats.fires.numpy(), stats.cofires.numpy()
         self.energy = np.asarray(analysis.energy(stats.code_sums, stats.n_tokens)
                                  if energies is None else energies, dtype=np.float64)
@@ -376,6 +320,9 @@ class ConceptExplorer:
         self.live = np.ones(len(self.cofires), bool) if include_dead else self.fires.sum(0) > 0
         self._top: dict[int, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
         self._orders: dict[str, np.ndarray] = {}
+        self._hits: dict[int, dict[str, Hits]] = {}  # a few recent concepts (LRU by insertion)
+        self._labels: list[str] | None = None
+        self._translations: dict[tuple[int, str, str], Translation] = {}
         self.controls = None  # the widgets, once widget() has built them
 
     @classmethod
@@ -383,26 +330,103 @@ class ConceptExplorer:
                    model=None, stats: analysis.ConceptStats | None = None,
                    **options) -> "ConceptExplorer":
         """The explorer of codes encoded from ``cache`` (e.g. ``encode_dataset(model,
-        iter_rows(cache)).codes``); with ``model``, energies use its dictionary norms."""
+        iter_rows(cache)).codes``); with ``model``, energies use its dictionary norms, and
+        nearest concepts by dictionary and the translation view are available."""
         stats = stats if stats is not None else analysis.concept_statistics(codes)
         energies = None if model is None else analysis.energy(
             stats.code_sums, stats.n_tokens, analysis.dictionary_norms(model))
         return cls(codes, CacheImages(cache), stats, energies=energies, grid=cache.grid,
-                   positions=cache.positions, **options)
+                   positions=cache.positions, model=model,
+                   activations=CacheActivations(cache), **options)
 
-    # -- pure logic --------------------------------------------------------------------------
+    # -- concepts: orders, search, statistics ------------------------------------------------
+    def _statistic(self, key: str) -> np.ndarray:
+        statistic = SORT_KEYS[key][0]
+        return {"energy": self.aggregate_energy, "firing_entropy": self.firing_entropy,
+                "cofire_proportion": self.cofire_proportion.mean(axis=0)}[statistic]
+
     def concept_order(self, key: str = "energy") -> np.ndarray:
         """Listed concepts ordered by ``key`` (see ``SORT_KEYS``); ties by aggregate energy,
         largest first, then by id, so equal entropies still put important concepts first."""
+        if key not in SORT_KEYS:
+            raise ValueError(f"unknown sort key {key!r}: choose one of {list(SORT_KEYS)}.")
         if key not in self._orders:
-            statistic, largest_first = SORT_KEYS[key]
-            values = {"energy": self.aggregate_energy, "firing_entropy": self.firing_entropy,
-                      "cofire_proportion": self.cofire_proportion.mean(axis=0)}[statistic]
-            primary = -values if largest_first else values
+            values = self._statistic(key)
+            primary = -values if SORT_KEYS[key][1] else values
             ids = np.flatnonzero(self.live)
             self._orders[key] = ids[np.lexsort((ids, -self.aggregate_energy[ids], primary[ids]))]
         return self._orders[key].copy()
 
+    def concept_labels(self, key: str = "energy") -> list[tuple[str, int]]:
+        """``(label, concept)`` per listed concept in ``key``'s order; labels start with the id
+        ("801 · rank 3 · energy 1.2") so typing an id in a dropdown finds that concept."""
+        values, name = self._statistic(key), key.split(" (")[0]
+        name = "entropy" if "entropy" in key else name
+        return [(f"{c} · rank {rank} · {name} {_number(values[c])}", int(c))
+                for rank, c in enumerate(self.concept_order(key))]
+
+    def find_concept(self, text: str | int) -> int:
+        """The concept whose id is ``text`` (e.g. the search box's "801"), checked.
+
+        Raises
+        ------
+        ValueError
+            Not an integer, out of range, or a concept that never fires (not listed), each
+            with what to type instead.
+        """
+        raw = str(text).strip().lstrip("#")
+        try:
+            concept = int(raw)
+        except ValueError:
+            raise ValueError(f"{str(text)!r} is not a concept id: type a whole number in "
+                             f"0..{self.n_concepts - 1}.") from None
+        if not 0 <= concept < self.n_concepts:
+            raise ValueError(f"concept {concept} does not exist: ids run 0..{self.n_concepts - 1}.")
+        if not self.live[concept]:
+            raise ValueError(f"concept {concept} never fires in any model on these images, so "
+                             "it is not listed (include_dead=True lists it).")
+        return concept
+
+    def concept_info(self, concept: int) -> dict:
+        """The concept's statistics: concept-level values and one row per model."""
+        rank = np.flatnonzero(self.concept_order("energy") == concept)
+        return {"concept": int(concept), "energy": float(self.aggregate_energy[concept]),
+                "firing_entropy": float(self.firing_entropy[concept]),
+                "cofires": int(self.cofires[concept]),
+                "energy_rank": int(rank[0]) if len(rank) else None,
+                "models": [{"model": name, "fires": int(self.fires[i, concept]),
+                            "energy": float(self.energy[i, concept]),
+                            "cofire_proportion": float(self.cofire_proportion[i, concept])}
+                           for i, name in enumerate(self.names)]}
+
+    def hits(self, concept: int) -> dict[str, Hits]:
+        """Model -> where the concept is selected and its values (:func:`concept_hits`); the
+        histograms and co-firing of one concept share this pass, kept for 8 concepts."""
+        if concept not in self._hits:
+            if len(self._hits) >= 8:
+                self._hits.pop(next(iter(self._hits)))
+            self._hits[concept] = {n: concept_hits(c, concept) for n, c in self.codes.items()}
+        return self._hits[concept]
+
+    def histograms(self, concept: int, bins: int = 24) -> Histograms:
+        """Every model's histogram of the concept's positive codes on shared bins."""
+        return activation_histograms(self.hits(concept), bins)
+
+    def nearest(self, concept: int, by: str = "co-firing", count: int = 8) -> list[Neighbour]:
+        """Concepts near ``concept``: ``"co-firing"`` (:func:`nearest_by_cofiring`, pooled
+        Jaccard index of firing tokens) or ``"dictionary cosine"`` (needs the model)."""
+        if by == "co-firing":
+            return nearest_by_cofiring(self.codes, concept, self.fires, count=count,
+                                       hits=self.hits(concept))
+        if by != "dictionary cosine":
+            raise ValueError(f"unknown neighbourhood {by!r}: choose one of {NEAREST_BY}.")
+        if self.model is None:
+            raise ValueError("nearest concepts by dictionary cosine need the USAE: pass "
+                             "model= to ConceptExplorer or from_cache.")
+        dictionaries = {n: self.model.dictionary(n) for n in self.names}
+        return nearest_by_dictionary(dictionaries, concept, count=count)
+
+    # -- images ------------------------------------------------------------------------------
     def top_images(self, concept: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Model -> (image indices, their mean code), best first; computed once per concept.
 
@@ -425,35 +449,78 @@ class ConceptExplorer:
                 self._top[concept].update({n: (chosen[shown], scores[n][shown]) for n in group})
         return self._top[concept]
 
-    def concept_info(self, concept: int) -> dict:
-        """The concept's statistics: concept-level values and one row per model."""
-        rank = np.flatnonzero(self.concept_order("energy") == concept)
-        return {"concept": int(concept), "energy": float(self.aggregate_energy[concept]),
-                "firing_entropy": float(self.firing_entropy[concept]),
-                "cofires": int(self.cofires[concept]),
-                "energy_rank": int(rank[0]) if len(rank) else None,
-                "models": [{"model": name, "fires": int(self.fires[i, concept]),
-                            "energy": float(self.energy[i, concept]),
-                            "cofire_proportion": float(self.cofire_proportion[i, concept])}
-                           for i, name in enumerate(self.names)]}
-
-    def image_concepts(self, image: int, top: int = 8) -> ImageConcepts:
-        """Top concepts of one image per model, shared ones marked (:func:`image_concepts`)."""
-        return image_concepts(self.codes, image, self.tokens_per_image, top=top)
+    def set_top_n(self, count: int) -> None:
+        """Show ``count`` images per model from now on (cached top lists are dropped)."""
+        if not (isinstance(count, (int, np.integer)) and count >= 1):
+            raise ValueError(f"the image count must be a positive integer, got {count!r}.")
+        self.top_n = int(count)
+        self._top.clear()
 
     def heatmaps(self, concept: int, model: str, images: Sequence[int]) -> np.ndarray:
         return concept_heatmaps(self.codes[model], images, concept, grid=self.grid,
                                 positions=self.positions)
 
+    def image_concepts(self, image: int, top: int = 8) -> ImageConcepts:
+        """Top concepts of one image per model, shared ones marked (:func:`image_concepts`)."""
+        self._check_image(image)
+        return image_concepts(self.codes, image, self.tokens_per_image, top=top)
+
+    def image_label(self, image: int) -> str:
+        return _label(self.images, int(image))
+
+    def search_images(self, query: str = "", limit: int | None = None) -> np.ndarray:
+        """Cached image indices whose label contains ``query`` (case-insensitive); a number
+        (``"12"`` or ``"#12"``) also finds that index, first. Empty: every image."""
+        if self._labels is None:
+            self._labels = [self.image_label(i).lower() for i in range(self.n_images)]
+        text = str(query).strip().lower()
+        found = [i for i, label in enumerate(self._labels) if text in label]
+        number = text.lstrip("#")
+        if number.isdigit() and int(number) < self.n_images:
+            found = [int(number)] + [i for i in found if i != int(number)]
+        return np.asarray(found[:limit], dtype=np.int64)
+
+    def _check_image(self, image: int) -> None:
+        if not (isinstance(image, (int, np.integer)) and 0 <= image < self.n_images):
+            raise ValueError(f"image {image!r} is not a cached image index: use 0.."
+                             f"{self.n_images - 1}.")
+
+    # -- translation -------------------------------------------------------------------------
+    def translation_map(self, image: int, source: str, target: str) -> tuple[np.ndarray,
+                                                                                Translation]:
+        """``grid x grid`` per-patch R² of decode_target(encode_source(a)) on ``image``
+        (:func:`translation_r2`; NaN where the cache kept no token), and the translation."""
+        if self.model is None or self.activations is None:
+            raise ValueError("the translation view needs the USAE and the image activations: "
+                             "use ConceptExplorer.from_cache(cache, codes, model=model).")
+        for name in (source, target):
+            if name not in self.names:
+                raise ValueError(f"unknown model {name!r}: choose one of {self.names}.")
+        self._check_image(image)
+        key = (int(image), source, target)
+        if key not in self._translations:  # a view redraws its pairs: compute each once
+            if len(self._translations) >= 64:
+                self._translations.pop(next(iter(self._translations)))
+            acts = self.activations(image)
+            self._translations[key] = translation_r2(self.model, source, target, acts[source],
+                                                     acts[target])
+        result = self._translations[key]
+        picture = np.full(self.grid * self.grid, np.nan)
+        places = (np.arange(self.tokens_per_image) if self.positions is None
+                  else np.asarray(self.positions)[image])
+        picture[places] = result.r2
+        return picture.reshape(self.grid, self.grid), result
+
     # -- figures and tables ------------------------------------------------------------------
     def concept_title(self, concept: int) -> str:
         info = self.concept_info(concept)
         rank = "" if info["energy_rank"] is None else f"  (energy rank {info['energy_rank']})"
-        return (f"concept {concept}{rank}: energy {info['energy']:.3g}, firing entropy "
-                f"{info['firing_entropy']:.2f}, co-fires {info['cofires']:,}")
+        return (f"concept {concept}{rank}: energy {_number(info['energy'])}, firing entropy "
+                f"{_fixed(info['firing_entropy'])}, co-fires {info['cofires']:,}")
 
     def concept_figure(self, concepts: int | Sequence[int], *, size: int = 224) -> Figure:
-        """Each concept's top images per model with heatmap overlays (paper Fig. 4 style)."""
+        """Each concept's top images per model with heatmap overlays (paper Fig. 4 style;
+        per-map min-max normalisation, as the released figures)."""
         concepts = [int(concepts)] if np.ndim(concepts) == 0 else [int(c) for c in concepts]
         overlays, titles, subtitles, captions = {}, {}, {}, {}
         for concept in concepts:
@@ -465,10 +532,11 @@ class ConceptExplorer:
                 maps = self.heatmaps(concept, name, chosen)
                 overlays[concept][name] = [overlay(self.images[int(j)], m, size)
                                            for j, m in zip(chosen, maps)]
-                subtitles[concept, name] = ("{model}: fires {fires:,}, energy {energy:.3g}, "
-                                            "co-fire prop. {cofire_proportion:.2f}".format(**row))
-                captions[concept, name] = [f"{_label(self.images, int(j))}\nmean {s:.3f}"
-                                           for j, s in zip(chosen, scores)]
+                subtitles[concept, name] = (f"{name}: fires {row['fires']:,}, energy "
+                                            f"{_number(row['energy'])}, co-fire prop. "
+                                            f"{_fixed(row['cofire_proportion'])}")
+                captions[concept, name] = [f"{_label(self.images, int(j))}\nmean "
+                                           f"{_fixed(s, 3)}" for j, s in zip(chosen, scores)]
         return plot_concept_grid(overlays, titles=titles, subtitles=subtitles, captions=captions)
 
     def image_figure(self, image: int, top: int = 8) -> Figure:
@@ -479,7 +547,7 @@ class ConceptExplorer:
         """The statistics of :meth:`concept_info` as a small HTML table."""
         cells = "".join(
             f"<tr><td>{html.escape(r['model'])}</td><td>{r['fires']:,}</td>"
-            f"<td>{r['energy']:.4g}</td><td>{r['cofire_proportion']:.3f}</td></tr>"
+            f"<td>{_number(r['energy'], 4)}</td><td>{_fixed(r['cofire_proportion'], 3)}</td></tr>"
             for r in self.concept_info(concept)["models"])
         return (f"<p><b>{html.escape(self.concept_title(concept))}</b></p>"
                 "<table><tr><th>model</th><th>fires</th><th>energy</th>"
@@ -505,96 +573,12 @@ class ConceptExplorer:
         return self.concept_figure(concept)
 
     # -- widgets -----------------------------------------------------------------------------
-    def widget(self):
-        """The interactive explorer (an ``ipywidgets.Tab``); its controls are ``.controls``.
+    def widget(self, **options):
+        """The interactive explorer, an ``ipywidgets.Tab`` (concepts, images, translation);
+        its controls are ``.controls`` (see :class:`usae_explorer_widgets.ExplorerWidget`,
+        which takes ``options`` such as ``image_px``)."""
+        import usae_explorer_widgets
 
-        Concept tab: sort key, rank slider and concept dropdown (kept in step), images per
-        model. Image tab: an image slider. A change redraws that tab's Output (a new sort order
-        keeps the current concept, so it redraws nothing).
-        """
-        import ipywidgets as w
-
-        order = self.concept_order("energy")
-        c = SimpleNamespace(
-            sort=w.Dropdown(options=list(SORT_KEYS), value="energy", description="sort by"),
-            rank=w.IntSlider(min=0, max=max(len(order) - 1, 0), description="rank",
-                             continuous_update=False),
-            concept=w.Dropdown(options=self._options(order), description="concept"),
-            count=w.IntSlider(value=self.top_n, min=1, max=12, description="images",
-                              continuous_update=False),
-            image=w.IntSlider(min=0, max=self.n_images - 1, description="image",
-                              continuous_update=False),
-            concept_view=w.Output(), image_view=w.Output())
-        self.controls, self._order, self._syncing, self._shown = c, order, False, None
-        c.sort.observe(self._on_sort, names="value")
-        c.rank.observe(lambda _: self._select(int(self._order[c.rank.value])), names="value")
-        c.concept.observe(lambda _: self._select(c.concept.value), names="value")
-        c.count.observe(self._on_count, names="value")
-        c.image.observe(lambda _: self.render_image(), names="value")
-        self.render_concept()
-        self.render_image()
-        return w.Tab(children=[
-            w.VBox([w.HBox([c.sort, c.concept]), w.HBox([c.rank, c.count]), c.concept_view]),
-            w.VBox([c.image, c.image_view])], titles=("concept", "image"))
-
-    def _options(self, order: np.ndarray) -> list[tuple[str, int]]:
-        return [(f"{rank}: concept {c}", int(c)) for rank, c in enumerate(order)]
-
-    def _select(self, concept: int) -> None:
-        """Make ``concept`` current in both controls, then render it unless already shown
-        (a new sort order keeps the concept: nothing to redraw)."""
-        if self._syncing or concept is None:
-            return
-        self._syncing = True
-        try:
-            self.controls.concept.value = int(concept)
-            self.controls.rank.value = int(np.flatnonzero(self._order == concept)[0])
-        finally:
-            self._syncing = False
-        if concept != self._shown:
-            self.render_concept()
-
-    def _on_sort(self, change) -> None:
-        current = self.controls.concept.value
-        self._order = self.concept_order(change["new"])
-        self._syncing = True  # new options reset the dropdown: do not render the interim value
-        try:
-            self.controls.concept.options = self._options(self._order)
-            self.controls.rank.max = max(len(self._order) - 1, 0)
-        finally:
-            self._syncing = False
-        self._select(current if current in self._order else int(self._order[0]))
-
-    def _on_count(self, change) -> None:
-        self.top_n = change["new"]
-        self._top.clear()  # cached top lists were for the old count
-        self.render_concept()
-
-    def render_concept(self) -> None:
-        concept = self.controls.concept.value
-        if concept is not None:
-            _show(self.controls.concept_view, self.concept_figure(concept),
-                  self.stats_html(concept))
-            self._shown = concept
-
-    def render_image(self) -> None:
-        _show(self.controls.image_view, self.image_figure(self.controls.image.value))
-
-
-def figure_png(figure: Figure, dpi: int = 100) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=dpi)
-    return buffer.getvalue()
-
-
-def _show(output, figure: Figure, html_text: str | None = None) -> None:
-    """Replace an ``ipywidgets.Output``'s content with a figure (and HTML above it).
-
-    Setting ``outputs`` directly, rather than ``with output: display(...)``, works the same
-    with or without a kernel, so the widget layer is testable without a browser.
-    """
-    png = base64.b64encode(figure_png(figure)).decode("ascii")
-    shown = ([{"text/html": html_text, "text/plain": "statistics"}] if html_text else []) + [
-        {"image/png": png, "text/plain": "<Figure>"}]
-    output.outputs = tuple({"output_type": "display_data", "metadata": {}, "data": data}
-                           for data in shown)
+        view = usae_explorer_widgets.ExplorerWidget(self, **options)
+        self.controls = view.controls
+        return view.tabs

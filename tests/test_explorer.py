@@ -14,6 +14,7 @@ from PIL import Image
 import usae_analysis as analysis
 import usae_cache
 import usae_explorer as ex
+import usae_heatmaps as hm
 import usae_figures as figs
 
 GRID, T, N_CONCEPTS, K, N_IMAGES = 14, 196, 16, 3, 6
@@ -119,6 +120,24 @@ def test_overlay_shape_range_and_zero_heat_leaves_the_image_unchanged():
     np.testing.assert_allclose(hot[peak], yellow, atol=1)  # full heat: opaque top colour
     changed = np.abs(hot.astype(int) - plain.astype(int)).sum(axis=2)
     assert changed[48:64, 80:96].mean() > 5 * changed[150:, 150:].mean()
+
+
+def test_shared_scale_keeps_weak_maps_weak_and_numbers_never_print_minus_zero():
+    strong, weak = np.zeros((GRID, GRID)), np.zeros((GRID, GRID))
+    strong[3, 5], weak[3, 5] = 4.0, 1.0
+    scaled = ex.scale_heatmap(np.stack([strong, weak]), 4.0, 112)
+    assert 0.9 < scaled[0].max() <= 1.0  # bicubic peaks near, not always on, the cell value
+    assert scaled[1].max() == pytest.approx(scaled[0].max() / 4, rel=1e-5)  # a quarter as hot
+    assert ex.upsample_heatmap(weak, 112).max() == pytest.approx(1.0)  # min-max: as hot
+    assert not ex.scale_heatmap(weak, 0.0, 56).any()
+    r2 = np.full((GRID, GRID), 0.5)
+    r2[0, 0] = np.nan
+    picture = hm.colour_map(r2, 0.0, 1.0, size=56)
+    assert picture.shape == (56, 56, 3) and (picture[0, 0] == 128).all()
+    assert hm.fixed(-1e-9) == "0.00" and hm.fixed(-0.0) == "0.00" and hm.fixed(-0.5) == "-0.50"
+    assert hm.number(-1e-12) == "0" and hm.number(0.012345) == "0.0123"
+    bar = hm.colorbar_html(0, 4.0, label="code")
+    assert "linear-gradient" in bar and ">4<" in bar and ">0<" in bar
 
 
 # ---- pure explorer logic ---------------------------------------------------------------------
@@ -235,37 +254,251 @@ def test_static_view_returns_the_default_concepts_figure(explorer):
 # ---- widgets -----------------------------------------------------------------------------------
 
 
-def test_widget_controls_re_render_the_outputs(explorer):
+def rendered(explorer) -> str:
+    """Every HTML string the three tabs show now."""
+    c = explorer.controls
+    texts = [c.header.value, c.histograms.value, c.status.value, c.image_header.value,
+             c.image_heatmaps.value, c.translation.value]
+    texts += [r.value for r in c.rows.children]
+    texts += [b.description for b in c.nearest.children if hasattr(b, "description")]
+    texts += [b.description for row in c.image_concepts.children
+              for b in getattr(row, "children", ()) if hasattr(b, "description")]
+    return "".join(texts)
+
+
+def test_widget_concept_tab_draws_one_row_per_model_on_a_shared_scale(explorer):
+    pytest.importorskip("ipywidgets")
+    tabs = explorer.widget(image_px=160)
+    c = explorer.controls
+    assert len(tabs.children) == 3 and c.concept.value == 2 and c.rank.value == 0
+    assert c.concept.options[0][0].startswith("2 · rank 0 · energy")  # typing "2" finds it
+    assert len(c.rows.children) == len(NAMES)
+    for name, row in zip(NAMES, c.rows.children):
+        shown = len(explorer.top_images(2)[name][0])
+        assert row.value.count("<img") == 2 * shown == 4  # raw image beside its overlay
+        assert 'width="160"' in row.value
+    assert "usae-colorbar" in c.header.value and ">4<" in c.header.value  # scale 0..4
+    assert c.histograms.value.count("<svg") == len(NAMES)
+    assert "-0.00" not in rendered(explorer)
+
+
+def test_widget_model_where_the_concept_never_fires_says_so(explorer):
+    pytest.importorskip("ipywidgets")
+    explorer.widget()
+    c = explorer.controls
+    c.concept.value = 5  # fires in model a only
+    notes = ["never fires" in r.value for r in c.rows.children]
+    assert notes == [False, True, True]
+    assert c.rows.children[1].value.count("<img") == 0
+    assert c.rows.children[0].value.count("<img") == 2
+    text = rendered(explorer)
+    assert "-0.00" not in text and "-0" not in text.replace("-0.", "")  # entropy 0, not -0.00
+
+
+def test_widget_sort_change_re_ranks_and_draws_the_new_top_concept(explorer):
+    pytest.importorskip("ipywidgets")
+    explorer.widget()
+    c = explorer.controls
+    c.concept.value = 7
+    assert c.rank.value == explorer.concept_order().tolist().index(7)
+    c.rank.value = 2
+    assert c.concept.value == explorer.concept_order()[2]
+    for key in [*list(ex.SORT_KEYS)[1:], "energy"]:  # each a change from the last
+        before = c.rows.children
+        c.sort.value = key
+        top = int(explorer.concept_order(key)[0])
+        assert c.concept.value == top and c.rank.value == 0
+        assert [v for _, v in c.concept.options] == explorer.concept_order(key).tolist()
+        assert c.rows.children is not before  # redrawn
+        assert f"concept {top}" in c.header.value
+    c.sort.value = "model-unique (low entropy)"
+    assert c.concept.value == 5 and "concept 5" in c.header.value
+    c.count.value = 1
+    assert all(len(v[0]) <= 1 for v in explorer.top_images(5).values())
+    assert c.rows.children[0].value.count("<img") == 2
+
+
+def test_widget_id_search_selects_and_bad_ids_say_why(explorer):
+    pytest.importorskip("ipywidgets")
+    explorer.widget()
+    c = explorer.controls
+    c.search.value = "7"
+    assert c.concept.value == 7 and "concept 7" in c.header.value and c.status.value == ""
+    for text, reason in (("abc", "not a concept id"), ("99", "does not exist"),
+                         ("3", "never fires")):
+        c.search.value = text
+        assert reason in c.status.value and c.concept.value == 7
+    with pytest.raises(ValueError, match="0..15"):
+        explorer.find_concept("-1")
+    assert explorer.find_concept(" #5 ") == 5
+
+
+def test_widget_nearest_buttons_and_image_tab_concepts_open_the_concept(explorer):
     pytest.importorskip("ipywidgets")
     tabs = explorer.widget()
     c = explorer.controls
-    assert len(tabs.children) == 2 and c.concept.value == 2 and c.rank.value == 0
+    c.concept.value = 7
+    first = explorer.nearest(7)[0].concept
+    c.nearest.children[0].click()
+    assert c.concept.value == first
+    c.image_search.value = "#1"
+    assert c.image_list.options[0] == ("#1", 1) and c.thumbnails.children
+    c.thumbnails.children[0].children[1].click()  # the thumbnail's button picks the image
+    assert c.image.value == 1
+    assert c.image_header.value.count("<img") == 1
+    row_a = c.image_concepts.children[1]  # legend first, then one row per model
+    assert [b.description.split(" · ")[0] for b in row_a.children[1:3]] == ["2", "7"]
+    tabs.selected_index = 1
+    row_a.children[2].click()  # concept 7's button
+    assert c.concept.value == 7 and tabs.selected_index == 0
+    assert "concept 7" in c.header.value
+    # the image's concepts as heatmaps on it: one overlay per model per drawn concept
+    assert c.image_heatmaps.value.count("<b>concept ") >= 2
+    assert c.image_heatmaps.value.count("<img") == len(NAMES) * \
+        c.image_heatmaps.value.count("<b>concept ")
+    c.image_search.value = ""  # every image listed again
+    c.image_list.value = 4
+    assert c.image.value == 4 and "#4" in c.image_header.value
+    assert "needs the USAE" in c.translation.value  # no model given
+    assert "-0.00" not in rendered(explorer)
 
-    def changed(output, action) -> None:
-        output.outputs = ()
-        action()
-        kinds = [set(item["data"]) for item in output.outputs]
-        assert any("image/png" in k for k in kinds)
 
-    changed(c.concept_view, lambda: setattr(c.concept, "value", 7))
-    assert c.rank.value == explorer.concept_order().tolist().index(7)
-    changed(c.concept_view, lambda: setattr(c.rank, "value", 2))
-    assert c.concept.value == explorer.concept_order()[2]
-    shown = c.concept_view.outputs
-    for key in [*list(ex.SORT_KEYS)[1:], "energy"]:  # each a change from the last
-        current = c.concept.value
-        c.sort.value = key
-        assert c.concept.value == current  # the concept stays, its rank follows the order
-        assert explorer.concept_order(key)[c.rank.value] == current
-        assert [v for _, v in c.concept.options] == explorer.concept_order(key).tolist()
-        assert c.concept_view.outputs is shown  # same concept: not redrawn
-    c.sort.value = "model-unique (low entropy)"
-    changed(c.concept_view, lambda: setattr(c.rank, "value", 0))  # its first concept
-    assert c.concept.value == 5
-    changed(c.concept_view, lambda: setattr(c.count, "value", 1))
-    assert all(len(v[0]) <= 1 for v in explorer.top_images(c.concept.value).values())
-    changed(c.image_view, lambda: setattr(c.image, "value", 4))
-    assert "text/html" in c.concept_view.outputs[0]["data"]
+# ---- histograms, nearest concepts, translation ---------------------------------------------------
+
+
+def test_activation_histograms_count_the_planted_codes(explorer, dense):
+    found = explorer.histograms(2, bins=4)
+    np.testing.assert_allclose(found.edges, [0, 1, 2, 3, 4])
+    assert all(found.counts[n].tolist() == [0, 0, 0, 2] for n in NAMES)
+    found = explorer.histograms(12, bins=5)
+    for name in NAMES:
+        values = dense[name][:, 12].numpy()
+        expected = np.histogram(values[values > 0], found.edges)[0]
+        assert found.counts[name].tolist() == expected.tolist()
+    assert found.edges[-1] == max(dense[n][:, 12].max().item() for n in NAMES)
+    empty = ex.activation_histograms({"a": ex.Hits(np.zeros(0, int), np.zeros(0, np.float32))}, 3)
+    assert empty.counts["a"].tolist() == [0, 0, 0]
+    with pytest.raises(ValueError, match="bins"):
+        ex.activation_histograms({}, 0)
+
+
+def test_nearest_by_cofiring_is_the_pooled_jaccard_of_firing_tokens(explorer, dense, codes):
+    firing = {n: (z > analysis.FIRING_THRESHOLD).numpy() for n, z in dense.items()}
+    totals = sum(f.sum(0) for f in firing.values())
+    for concept in range(N_CONCEPTS):
+        if not totals[concept]:
+            continue
+        together = sum((f[:, [concept]] & f).sum(0) for f in firing.values())
+        together[concept] = 0
+        jaccard = together / np.maximum(totals[concept] + totals - together, 1)
+        expected = sorted(np.flatnonzero(together), key=lambda d: (-jaccard[d], d))[:8]
+        found = explorer.nearest(concept)
+        assert [n.concept for n in found] == expected
+        np.testing.assert_allclose([n.score for n in found], jaccard[expected])
+    # planted: 1 fires on rows 0..9 of both models; 3 on rows 0..1 of a and 0..9 of b, 2 on
+    # rows 0..4 of a: pooled, 3 (12 / 20) comes before 2 (5 / 20)
+    z = {n: torch.zeros(40, 8) for n in "ab"}
+    z["a"][:10, 1] = z["b"][:10, 1] = z["b"][:10, 3] = 1.0
+    z["a"][:2, 3] = z["a"][:5, 2] = z["a"][20:30, 4] = 1.0
+    planted = {n: to_sparse(v) for n, v in z.items()}
+    fires = analysis.concept_statistics(planted).fires.numpy()
+    found = ex.nearest_by_cofiring(planted, 1, fires)
+    assert [(n.concept, n.together) for n in found] == [(3, 12), (2, 5)]
+    assert [n.score for n in found] == [pytest.approx(0.6), pytest.approx(0.25)]
+
+
+def test_nearest_by_dictionary_cosine_averages_the_models(explorer):
+    rng = np.random.default_rng(1)
+    dictionaries = {n: torch.from_numpy(rng.normal(size=(N_CONCEPTS, 5 + i)))
+                    for i, n in enumerate(NAMES)}
+    dictionaries["a"][9] = dictionaries["a"][4] * 3  # same direction in model a only
+    unit = {n: d / d.norm(dim=1, keepdim=True) for n, d in dictionaries.items()}
+    mean = sum((u @ u[4]).numpy() for u in unit.values()) / len(NAMES)
+    expected = sorted((d for d in range(N_CONCEPTS) if d != 4), key=lambda d: (-mean[d], d))[:5]
+    found = ex.nearest_by_dictionary(dictionaries, 4, count=5)
+    assert [n.concept for n in found] == expected
+    np.testing.assert_allclose([n.score for n in found], mean[expected])
+    assert found[0].concept == 9 and found[0].score >= 1 / 3
+    with pytest.raises(ValueError, match="model="):
+        explorer.nearest(4, "dictionary cosine")
+
+
+def small_usae():
+    import usae_core as core
+    model = core.USAE({"a": 8, "b": 6, "c": 5}, n_concepts=N_CONCEPTS, k=4, seed=0)
+    generator = torch.Generator().manual_seed(3)
+    sample = {n: torch.randn(64, d, generator=generator) * 2 + 1 for n, d in model.dims.items()}
+    model.fit_standardization(sample, centre_channels=True)
+    return model
+
+
+def test_translation_r2_equals_a_direct_computation():
+    model = small_usae()
+    generator = torch.Generator().manual_seed(4)
+    a, b = torch.randn(T, 8, generator=generator), torch.randn(T, 6, generator=generator)
+    model.train()
+    found = ex.translation_r2(model, "a", "b", a.numpy(), b.numpy())
+    assert model.training  # left in the mode it was in
+    model.eval()
+    with torch.no_grad():
+        recon = model.decode("b", model.encode("a", a)).double()
+        mean = model.unstandardize("b", torch.zeros(1, 6)).double()
+    error = (b.double() - recon).square().sum(1)
+    spread = (b.double() - mean).square().sum(1)
+    np.testing.assert_allclose(found.r2, (1 - error / spread).numpy(), rtol=1e-6)
+    assert found.image_r2 == pytest.approx((1 - error.sum() / spread.sum()).item())
+    np.testing.assert_allclose(mean[0].numpy(), model.pairs["b"].act_mean.item()
+                               + model.pairs["b"].channel_offset.numpy(), rtol=1e-6)
+    own = ex.translation_r2(model, "b", "b", b, b, target_mean=b.mean(0))
+    assert own.r2.shape == (T,) and np.isfinite(own.r2).all()
+    with pytest.raises(ValueError, match="same tokens"):
+        ex.translation_r2(model, "a", "b", a[:5], b)
+
+
+def test_widget_translation_tab_maps_per_patch_r2(codes, photos):
+    pytest.importorskip("ipywidgets")
+    model = small_usae()
+    rng = np.random.default_rng(5)
+    acts = {n: rng.normal(size=(N_IMAGES * T, d)).astype(np.float32)
+            for n, d in model.dims.items()}
+    explorer = ex.ConceptExplorer(
+        codes, photos, analysis.concept_statistics(codes), top_n=2, model=model,
+        activations=lambda i: {n: v[i * T:(i + 1) * T] for n, v in acts.items()})
+    grid, result = explorer.translation_map(3, "c", "a")
+    direct = ex.translation_r2(model, "c", "a", acts["c"][3 * T:4 * T], acts["a"][3 * T:4 * T])
+    np.testing.assert_allclose(grid.reshape(-1), direct.r2)
+    explorer.widget()
+    c = explorer.controls
+    c.image.value = 3
+    c.source.value, c.target.value = "c", "a"
+    text = c.translation.value
+    assert f"image R² <b>{ex._fixed(result.image_r2)}</b>" in text
+    assert text.count("<img") == 2 and "usae-colorbar" in text and "-0.00" not in text
+    assert "dictionary cosine" in c.nearest_by.options
+    c.nearest_by.value = "dictionary cosine"
+    assert len(c.nearest.children) == 8
+    with pytest.raises(ValueError, match="unknown model"):
+        explorer.translation_map(0, "a", "z")
+
+
+def test_image_search_by_label_and_index():
+    labelled = SimpleImages([photo(i) for i in range(4)], ["dog", "hot dog", "cat", "Dogfish"])
+    codes = {n: to_sparse(torch.rand(4 * T, N_CONCEPTS)) for n in "ab"}
+    explorer = ex.ConceptExplorer(codes, labelled, analysis.concept_statistics(codes))
+    assert explorer.search_images("dog").tolist() == [0, 1, 3]
+    assert explorer.search_images("DOG", limit=2).tolist() == [0, 1]
+    assert explorer.search_images("#2").tolist() == [2]
+    assert explorer.search_images("").tolist() == [0, 1, 2, 3]
+    assert explorer.search_images("zebra").tolist() == []
+
+
+class SimpleImages(list):
+    def __init__(self, images, labels):
+        super().__init__(images)
+        self.labels = labels
+
+    def label(self, index):
+        return self.labels[index]
 
 
 # ---- a cache as the image source ---------------------------------------------------------------
