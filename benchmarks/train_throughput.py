@@ -135,14 +135,17 @@ def entry_rows(args, raw: list[dict], device: torch.device) -> dict[str, Callabl
             reference_step(released, optimizers, batch, source, 3e-4)
             done[0] += 1
 
-    ours = core.USAE(dims, args.n, args.k, seed=0)
-    calls = [0]
+    def entry_point(**options) -> Callable[[int], None]:
+        model, calls = core.USAE(dims, args.n, args.k, seed=0), [0]
 
-    def entry_point(steps: int) -> None:
-        calls[0] += 1
-        ckpt.train(ours, raw, steps=steps, seed=calls[0], device=str(device))
+        def run(steps: int) -> None:
+            calls[0] += 1
+            ckpt.train(model, raw, steps=steps, seed=calls[0], device=str(device), **options)
+        return run
 
-    return {"(a') released loop, raw": released_loop, "(c) usae_checkpoint.train": entry_point}
+    return {"(a') released loop, raw": released_loop, "(c) usae_checkpoint.train": entry_point(),
+            "usae_checkpoint.train, dense decode": entry_point(sparse_decode=False),
+            "usae_checkpoint.train, sparse decode": entry_point(sparse_decode=True)}
 
 
 def synchronize(device: torch.device) -> None:
