@@ -124,9 +124,9 @@ class Experiment:
         At least two backbone names (see ``usae_backbones``); comma-separated on the command
         line.
     n_concepts : int, default: the preset's value
-        Concepts in the dictionary. With ``checkpoint``: the checkpoint's (another is refused).
+        Concepts in the dictionary.
     k : int, default: the preset's value
-        Concepts kept per token (TopK). With ``checkpoint``: the checkpoint's.
+        Concepts kept per token (TopK).
     batch_tokens : int, default: the preset's value
         Tokens per training batch.
     epochs : float, default: the preset's value
@@ -152,9 +152,11 @@ class Experiment:
     checkpoint : str
         A USAE to analyse instead of training one: this library's checkpoint (a ``.safetensors``
         file or a folder of ``usae_checkpoint.save``), or the authors' release as its YAML (the
-        ``.pth`` files beside it or where it says). Imported once, with its n, k and
-        standardisation, into ``<out>/usae.safetensors``; the release's models SigLIP, DinoV2 and
-        ViT become the backbones siglip, dinov2 and vit. The independent SAEs are still trained.
+        ``.pth`` files beside it or where it says). Imported once, with its n and k (which
+        ``n_concepts`` and ``k`` then follow; other values are refused) and standardisation,
+        into ``<out>/usae.safetensors``; the release's models SigLIP, DinoV2 and ViT become the
+        backbones siglip, dinov2 and vit. The independent SAEs are still trained. Empty: train
+        the USAE.
     """
 
     preset: str = "offline"
