@@ -105,10 +105,10 @@ def run_names(given: Given, backbones: Sequence[str], keys: Sequence[str]) -> di
         base = official.OFFICIAL_NAMES.get(name)
         if base is None or base not in by_base:
             known = "; ".join(f"{o} -> {b}" for o, b in official.OFFICIAL_NAMES.items())
+            paper = ",".join(official.OFFICIAL_NAMES.values())
             raise ValueError(f"the release's model {name!r} ({given.path}) has no backbone in "
                              f"this run ({list(backbones)}); the release's names map so: "
-                             f"{known}. Run with --backbones {','.join(official.OFFICIAL_NAMES.values())} "
-                             "(the paper preset's).")
+                             f"{known}. Run with --backbones {paper} (the paper preset's).")
         names[name] = by_base[base]
     missing = [key for key in keys if key not in names.values()]
     if missing:

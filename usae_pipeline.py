@@ -41,9 +41,9 @@ import usae_checkpoint as ckpt
 import usae_checks as checks
 import usae_core as core
 import usae_images as images_lib
-import usae_origin as origin
 import usae_io
 import usae_loader as loader_lib
+import usae_origin as origin
 import usae_synthetic as synthetic
 
 PRESETS = ("offline", "paper", "synthetic")
@@ -396,7 +396,7 @@ def prepare_caches(exp: Experiment, *, progress: bool = True) -> dict[str, cache
     if exp.checkpoint:  # before hours of extraction: a checkpoint of other widths is refused now
         given = origin.describe(exp.checkpoint)
         origin.check_widths(given, origin.run_names(given, exp.backbones, exp.names),
-                              {key: backbone.width for key, backbone in loaded.items()})
+                            {key: backbone.width for key, backbone in loaded.items()})
     backbones, caches = list(loaded.values()), {}
     for split, images in image_sets(exp).items():
         tokens = exp.tokens_per_image if split == "train" and exp.tokens_per_image else None
@@ -486,8 +486,8 @@ def import_usae(exp: Experiment, train_cache: cache_lib.Cache) -> core.USAE:
     instead of trained (``usae_origin.install``: no training step, its own n, k and
     standardisation; a re-run reuses it)."""
     return origin.install(exp.checkpoint, exp.backbones, exp.names,
-                            dict(zip(exp.names, train_cache.widths.values())),
-                            exp.folder / "usae.safetensors", exp.device)
+                          dict(zip(exp.names, train_cache.widths.values())),
+                          exp.folder / "usae.safetensors", exp.device)
 
 
 def train_independent(exp: Experiment, train_cache: cache_lib.Cache, *,
