@@ -308,14 +308,16 @@ def training_curves(history: Sequence[Mapping], names: Sequence[str], *, caption
                     independent: Mapping[str, Sequence[Mapping]] | None = None) -> plt.Figure:
     """Did training learn? Loss, training-batch R^2, dead concepts and dictionary movement.
 
-    ``history`` is a run's history (``TrainResult.history`` or the checkpoint's); ``independent``
-    adds each independent SAE's dictionary movement, dotted.
+    ``history`` is a run's history (``TrainResult.history`` or the checkpoint's; empty for a USAE
+    imported with ``--checkpoint``, whose panels then say so); ``independent`` adds each
+    independent SAE's dictionary movement, dotted.
     """
     fig, axes = plt.subplots(2, 2, figsize=(10, 6.6), layout="constrained")
     steps = [row["step"] for row in history]
     colours = dict(zip(names, sns.color_palette(n_colors=len(names))))
     axes[0, 0].plot(steps, [row["loss"] for row in history], color="black")
-    axes[0, 0].set_yscale("log")
+    if history:  # a log axis without data only warns
+        axes[0, 0].set_yscale("log")
     axes[0, 0].set_ylabel("loss (sum over targets)")
     wrapped_title(axes[0, 0], "training loss")
 
@@ -350,6 +352,11 @@ def training_curves(history: Sequence[Mapping], names: Sequence[str], *, caption
     wrapped_title(axes[1, 1], "dictionary movement (1: still where it started)")
     for ax in axes.flat:
         ax.set_xlabel("step")
+    if not history:  # an imported USAE: nothing to draw, and no made-up curve either
+        for ax in (axes[0, 0], axes[0, 1], axes[1, 0]):
+            ax.text(0.5, 0.5, "no USAE training history:\nimported, not trained here",
+                    ha="center", va="center", transform=ax.transAxes, color="0.4")
     for ax in (axes[0, 1], axes[1, 0], axes[1, 1]):
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     return add_caption(fig, caption)

@@ -36,6 +36,9 @@ OFFICIAL_KEYS = {"encoder.final_block.0.weight": "linear.weight",
                  "encoder.final_block.1.num_batches_tracked": "batch_norm.num_batches_tracked",
                  "dictionary._weights": "raw_dictionary"}
 _RELEASE = "the authors' checkpoints/config_dino_siglip_vit.yaml"
+# The release's model names -> the names of the same architectures in usae_backbones (the paper
+# preset's backbones): a run given the release (run_all.sh --checkpoint) renames its models so.
+OFFICIAL_NAMES = {"DinoV2": "dinov2", "SigLIP": "siglip", "ViT": "vit"}
 
 
 def _number(section: Mapping, key: str, where: str, source: Path, *, integer: bool = False,
@@ -153,6 +156,18 @@ def _official_state(path: Path, expected: Mapping[str, Tensor]) -> dict[str, Ten
             raise CheckpointError(f"{path}: {key} holds NaN or inf; the file is damaged: "
                                   "download it again.")
     return state
+
+
+def release_contents(config_yaml: str | os.PathLike,
+                     checkpoint_folder: str | os.PathLike | None = None
+                     ) -> tuple[dict[str, int], int, int, dict[str, Path]]:
+    """What a release holds, read from its YAML without reading any weights: the widths by the
+    release's model names, n, k and the ``.pth`` file of every model, found as
+    :func:`import_official` finds them. Raises :class:`CheckpointError` as it does."""
+    config = Path(config_yaml).expanduser()
+    folder = None if checkpoint_folder is None else Path(checkpoint_folder).expanduser()
+    dims, n, k, _, files = _official_config(config)
+    return dims, n, k, {name: _official_file(files[name], name, config, folder) for name in dims}
 
 
 def import_official(config_yaml: str | os.PathLike,

@@ -43,6 +43,7 @@ import usae_core as core
 import usae_images as images_lib
 import usae_io
 import usae_loader as loader_lib
+import usae_origin as origin
 import usae_synthetic as synthetic
 
 PRESETS = ("offline", "paper", "synthetic")
@@ -148,6 +149,14 @@ class Experiment:
     standardization : {"scalar", "channel"} or None, default: the preset's value
         ``scalar``: one mean and std per model, as released. ``channel``: also centre every
         channel on its own mean (over the same sample of training images).
+    checkpoint : str
+        A USAE to analyse instead of training one: this library's checkpoint (a ``.safetensors``
+        file or a folder of ``usae_checkpoint.save``), or the authors' release as its YAML (the
+        ``.pth`` files beside it or where it says). Imported once, with its n and k (which
+        ``n_concepts`` and ``k`` then follow; other values are refused) and standardisation,
+        into ``<out>/usae.safetensors``; the release's models SigLIP, DinoV2 and ViT become the
+        backbones siglip, dinov2 and vit. The independent SAEs are still trained. Empty: train
+        the USAE.
     """
 
     preset: str = "offline"
@@ -174,10 +183,12 @@ class Experiment:
     encoder_init: str | None = None
     standardization: str | None = None
     sparse_decode: bool | None = None
+    checkpoint: str = ""
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}: choose one of {list(PRESETS)}.")
+        origin.take_sizes(self)  # with a checkpoint, n and k are its own
         sizes = (_QUICK if self.quick else _SIZES)[self.preset]
         for key, value in sizes.items():
             if getattr(self, key) is None or getattr(self, key) is not False and \
@@ -264,6 +275,7 @@ class Experiment:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} was asked for but no CUDA GPU is visible; "
                              "use --device cpu.")
+        origin.check_experiment(self)
 
     @property
     def folder(self) -> Path:
@@ -380,8 +392,12 @@ def prepare_caches(exp: Experiment, *, progress: bool = True) -> dict[str, cache
     exp.save()
     if exp.preset == "synthetic":
         return _synthetic_caches(exp)
-    backbones = list(load_backbones(exp).values())
-    caches = {}
+    loaded = load_backbones(exp)
+    if exp.checkpoint:  # before hours of extraction: a checkpoint of other widths is refused now
+        given = origin.describe(exp.checkpoint)
+        origin.check_widths(given, origin.run_names(given, exp.backbones, exp.names),
+                            {key: backbone.width for key, backbone in loaded.items()})
+    backbones, caches = list(loaded.values()), {}
     for split, images in image_sets(exp).items():
         tokens = exp.tokens_per_image if split == "train" and exp.tokens_per_image else None
         caches[split] = cache_lib.build_cache(backbones, images, exp.folder / "caches" / split,
@@ -465,6 +481,15 @@ def train_usae(exp: Experiment, train_cache: cache_lib.Cache, *, progress: bool 
     return model.eval()
 
 
+def import_usae(exp: Experiment, train_cache: cache_lib.Cache) -> core.USAE:
+    """With ``exp.checkpoint``: the given USAE, imported once into ``<out>/usae.safetensors``
+    instead of trained (``usae_origin.install``: no training step, its own n, k and
+    standardisation; a re-run reuses it)."""
+    return origin.install(exp.checkpoint, exp.backbones, exp.names,
+                          dict(zip(exp.names, train_cache.widths.values())),
+                          exp.folder / "usae.safetensors", exp.device)
+
+
 def train_independent(exp: Experiment, train_cache: cache_lib.Cache, *,
                       progress: bool = True) -> dict[str, core.USAE]:
     """One ordinary TopK SAE per model, same core, same tokens, same sizes (section 4.4)."""
@@ -485,26 +510,10 @@ def train_independent(exp: Experiment, train_cache: cache_lib.Cache, *,
     return saes
 
 
-def training_history(path: str | os.PathLike) -> list[dict]:
-    """The history rows saved with a training checkpoint (one per log interval)."""
-    return ckpt.read_header(path).get("training", {}).get("history", [])
-
-
-def dictionary_movement(exp: Experiment) -> dict:
-    """``metrics.json``'s ``dictionary_cosine_to_init``: per model, the median over rows of the
-    cosine between each final dictionary row and its initial row, for the USAE and for each
-    independent SAE (1: training did not move it)."""
-    usae = training_history(exp.folder / "usae.safetensors")[-1]["dictionary_cosine_to_init"]
-    independent = {name: training_history(exp.folder / f"sae_{name}.safetensors")[-1]
-                   ["dictionary_cosine_to_init"][name] for name in exp.names}
-    return {"dictionary_cosine_to_init": usae,
-            "independent_dictionary_cosine_to_init": independent}
-
-
 def load_usae(exp: Experiment) -> core.USAE:
     path = exp.folder / "usae.safetensors"
     if not path.is_file():
-        raise FileNotFoundError(f"no trained USAE at {path}: run notebook 00 first.")
+        raise FileNotFoundError(f"no USAE at {path}: run notebook 00 first.")
     return ckpt.load(path, device=exp.device)
 
 

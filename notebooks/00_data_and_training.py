@@ -25,7 +25,10 @@
 #    decoded into every model);
 # 3. one **independent TopK SAE** per model, same core and same tokens, for section 4.4.
 #
-# Every step resumes: re-running this notebook reuses finished caches and checkpoints.
+# Every step resumes: re-running this notebook reuses finished caches and checkpoints. With
+# `checkpoint` (`run_all.sh --checkpoint PATH`: our checkpoint or the authors' released YAML) the
+# USAE is not trained: the given one is imported once, its models renamed to this run's, and
+# every later notebook analyses it.
 
 # %% tags=["parameters"]
 # The fields of usae_pipeline.Experiment to change, e.g. {"preset": "synthetic", "quick": True};
@@ -38,7 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path.cwd().parent))  # the repository root, where the modules live
 
-import usae_checkpoint as ckpt
+import usae_origin as origin
 import usae_pipeline as pipeline
 
 exp = pipeline.Experiment(**experiment)
@@ -65,12 +68,17 @@ print("standardisation (train):", caches["train"].standardization)
 # dictionary rows, only the drawn model's encoder and decoder stepped) with the paper's
 # learning-rate schedule. The `offline` preset trains about a thousand times fewer steps, in
 # which the released initialisation barely moves; its recipe (unit-norm initial rows, channel
-# centring, MSE) was chosen on a split of the training images — see the README.
+# centring, MSE) was chosen on a split of the training images — see the README. With a
+# `checkpoint` no USAE training step runs: the given USAE keeps its own n, k and standardisation.
 
 # %%
-model = pipeline.train_usae(exp, caches["train"])
-header = ckpt.read_header(exp.folder / "usae.safetensors")
-print(model.config(), "trained for", header["training"]["step"], "steps")
+if exp.checkpoint:
+    model = pipeline.import_usae(exp, caches["train"])
+    print(model.config(), "imported from", exp.checkpoint, "(not trained here)")
+else:
+    model = pipeline.train_usae(exp, caches["train"])
+    history = origin.training_history(exp.folder / "usae.safetensors")
+    print(model.config(), "trained for", history[-1]["step"], "steps")
 
 # %% [markdown]
 # ## Independent SAEs (one per model, for the consistency analysis)
@@ -87,22 +95,25 @@ print({name: sae.config() for name, sae in saes.items()})
 # the training batches (paper form), decoded into each model from its own codes and from the
 # other models' codes; the share of concepts that did not fire at all in a log interval; and the
 # median cosine of every dictionary row to its initial row (1: it has not moved; two random
-# directions have cosine about 0).
+# directions have cosine about 0). An imported USAE has no history here: its panels say so, and
+# only the independent SAEs' curves are drawn.
 
 # %%
 import usae_figures as figs
 
-history = pipeline.training_history(exp.folder / "usae.safetensors")
-independent_history = {name: pipeline.training_history(exp.folder / f"sae_{name}.safetensors")
+history = origin.training_history(exp.folder / "usae.safetensors")
+independent_history = {name: origin.training_history(exp.folder / f"sae_{name}.safetensors")
                        for name in model.names}
-movement = pipeline.dictionary_movement(exp)
+summary = origin.training_summary(exp)
+how = f"imported from {exp.checkpoint}, not trained here" if exp.checkpoint else \
+    f"{exp.loss} loss, {exp.dictionary_init} dictionary init, {exp.standardization} " \
+    f"standardisation, lr {exp.lr}"
 fig = figs.training_curves(history, model.names, independent=independent_history,
                            caption=f"USAE over {exp.backbones} ({exp.preset} preset), "
-                           f"n={model.n_concepts}, k={model.k}; {exp.loss} loss, "
-                           f"{exp.dictionary_init} dictionary init, {exp.standardization} "
-                           f"standardisation, lr {exp.lr}; dotted: independent SAEs.")
+                           f"n={model.n_concepts}, k={model.k}; {how}; dotted: independent SAEs.")
 figs.save(fig, exp.figures, "training_curves")
-print("median cosine to the initial rows:", movement)
+print("median cosine to the initial rows:", {key: summary[key] for key in (
+    "dictionary_cosine_to_init", "independent_dictionary_cosine_to_init")})
 
 # %% [markdown]
 # With planted concepts (``--preset synthetic``) we know the truth: how well does each learned
@@ -122,8 +133,6 @@ if exp.preset == "synthetic":
 metrics = pipeline.update_metrics(exp, {
     "models": model.names, "backbones": exp.backbones, "preset": exp.preset,
     "n_concepts": model.n_concepts, "k": model.k, "seed": exp.seed,
-    "train_tokens": caches["train"].n_tokens,
-    "train_steps": header["training"]["step"], **movement,
-    "training_final": {key: history[-1][key] for key in ("r2", "dead_fraction", "loss")},
+    "train_tokens": caches["train"].n_tokens, **summary,
     **({"planted_recovery": recovery} if recovery else {})})
 print(metrics)

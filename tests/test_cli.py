@@ -151,6 +151,7 @@ RUN_ALL_CASES = [  # arguments, what the message must say
     (["--out", "{file}"], "exists and is not a folder"),
     (["--preset", "paper"], "needs --images"),
     (["--preset", "paper", "--images", "{no_train}"], "has no train/ folder"),
+    (["--checkpoint", "{empty}"], "is of no known kind"),
 ]
 
 
@@ -193,6 +194,8 @@ CLI_CASES = [  # the same refusals, in process (fast): every kind of option
     (["--standardization", "none"], "standardization='none' is not one of"),
     (["--figures", "{file}"], "the figure folder"),
     (["--images", "{empty}"], "no image found"),
+    (["--checkpoint", "{missing}"], "does not exist: pass a .safetensors file"),
+    (["--checkpoint", "{file}"], "is of no known kind"),
     (["-x"], "unknown option '-x'"),
 ]
 

@@ -58,6 +58,22 @@ def test_every_figure_renders_and_saves_a_png(tmp_path):
         assert path.read_bytes().startswith(b"\x89PNG") and path.stat().st_size > 2000
 
 
+def test_training_curves_of_an_imported_usae_say_so_and_draw_no_usae_curve(tmp_path):
+    """A USAE imported with --checkpoint has no history: only the independent SAEs' curves."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "no artists with labels" or log-axis warnings
+        fig = figs.training_curves([], ["a", "b"], caption="imported, not trained here",
+                                   independent={n: _history([n]) for n in "ab"})
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert texts.count("no USAE training history:\nimported, not trained here") == 3
+    assert all(len(line.get_xdata()) == 0 for ax in fig.axes[:3] for line in ax.lines)
+    assert sum(len(line.get_xdata()) > 0 for line in fig.axes[3].lines) == 2  # independent SAEs
+    assert figs.text_overlaps(fig) == []
+    assert figs.save(fig, tmp_path, "curves").stat().st_size > 2000
+
+
 def _history(names, steps=(0, 50, 100, 150)):
     """A training history as ``usae_core.Trainer`` records it."""
     return [{"step": step, "loss": 3.0 / (1 + step), "lr": 1e-3,

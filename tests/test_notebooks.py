@@ -2,6 +2,7 @@
 import ast
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -110,3 +111,59 @@ def test_quick_run_is_deterministic_under_a_seed(quick_run, tmp_path):
     other_metrics = json.loads((tmp_path / "other" / "metrics.json").read_text())
     assert other_metrics["seed"] == 1
     assert other_metrics["r2_paper"] != json.loads(first)["r2_paper"]
+
+
+@pytest.mark.e2e
+def test_paper_preset_with_a_released_checkpoint_analyses_it_without_training(
+        tmp_path, shared_data_dir):
+    """run_all.sh --preset paper --checkpoint <the authors' YAML>, hub-free: the paper's timm
+    trio at random weights (random:dinov2, ...: the same architectures and widths), a release
+    written in the authors' layout at those widths with a small n and k, and a few real photos
+    as the ImageNet root. Notebook 00 imports the release instead of training; 01-06 analyse it."""
+    import torch
+
+    import usae_checkpoint as ckpt
+    import usae_official as official
+    import usae_origin as origin
+    from test_official import PAPER_DIMS, write_release
+
+    root = tmp_path / "imagenet"
+    for split, source, count in (("train", "imagenet-200x5", 4), ("val", "imagenet-1000x1", 6)):
+        (root / split).mkdir(parents=True)
+        for photo in sorted((shared_data_dir / source).glob("*.jpg"))[:count]:
+            shutil.copy(photo, root / split / photo.name)
+    config, _ = write_release(tmp_path / "release", dims=PAPER_DIMS, n=64, k=4)
+    out = tmp_path / "out"
+    backbones = "random:dinov2,random:siglip,random:vit"
+    result = subprocess.run(
+        ["bash", str(ROOT / "run_all.sh"), "--preset", "paper", "--quick", "--images", str(root),
+         "--checkpoint", str(config), "--backbones", backbones, "--out", str(out),
+         "--train-images", "4", "--val-images", "6", "--ood-images", "3",
+         "--batch-tokens", "392"],
+        capture_output=True, text=True, timeout=1800, env={**os.environ, "PYTHONHASHSEED": "0"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for stem in (p.stem for p in NOTEBOOKS):
+        assert (out / "notebooks" / f"{stem}.ipynb").is_file()
+        assert f"{stem} done in" in result.stdout
+    # no USAE training: the installed file has no history and holds the release's weights
+    usae = out / "usae.safetensors"
+    names = ["random_dinov2", "random_siglip", "random_vit"]
+    assert not origin.trained_here(usae)
+    released = origin.renamed(official.import_official(config), {
+        "DinoV2": "random_dinov2", "SigLIP": "random_siglip", "ViT": "random_vit"}, names)
+    installed = ckpt.load(usae)
+    assert installed.names == names and (installed.n_concepts, installed.k) == (64, 4)
+    assert all(torch.equal(a, b) for a, b in zip(installed.state_dict().values(),
+                                                  released.state_dict().values()))
+    # the independent SAEs were trained (section 4.4)
+    assert all(origin.trained_here(out / f"sae_{name}.safetensors") for name in names)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert METRIC_KEYS <= set(metrics), METRIC_KEYS - set(metrics)
+    assert metrics["usae_trained_here"] is False and metrics["usae_checkpoint"] == str(config)
+    assert metrics["train_steps"] == 0 and metrics["training_final"] is None
+    assert metrics["dictionary_cosine_to_init"] is None
+    assert set(metrics["independent_dictionary_cosine_to_init"]) == set(names)
+    assert metrics["models"] == names and (metrics["n_concepts"], metrics["k"]) == (64, 4)
+    for name in FIGURES:
+        path = out / "figures" / f"{name}.png"
+        assert path.is_file() and path.read_bytes().startswith(b"\x89PNG"), name

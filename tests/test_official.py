@@ -23,12 +23,15 @@ RELEASED_STATS = {"SigLIP": (-0.030537348240613937, 2.231515407562256),  # the r
                   "DinoV2": (0.03290482237935066, 2.474064350128174),
                   "ViT": (-0.028632672503590584, 2.1376500129699707)}
 N, K = 16, 3
+# The paper's timm trio (usae_backbones: dinov2 is ViT-S/14, siglip and vit ViT-B/16), by the
+# release's model names: a release that run_all.sh --preset paper --checkpoint accepts.
+PAPER_DIMS = {"SigLIP": 768, "DinoV2": 384, "ViT": 768}
 
 
-def released_state(width: int, seed: int) -> dict[str, torch.Tensor]:
+def released_state(width: int, seed: int, n: int = N) -> dict[str, torch.Tensor]:
     """A state dict with the released key names: Linear(d, n), BatchNorm1d(n) with running
     statistics of a trained model, and the raw dictionary."""
-    g = torch.Generator().manual_seed(seed)
+    g, N = torch.Generator().manual_seed(seed), n
     return {"encoder.final_block.0.weight": torch.randn(N, width, generator=g) / width ** 0.5,
             "encoder.final_block.0.bias": 0.1 * torch.randn(N, generator=g),
             "encoder.final_block.1.weight": 1 + 0.3 * torch.randn(N, generator=g),
@@ -48,33 +51,40 @@ def training_checkpoint(state: dict) -> dict:
             "learning_rate": 1e-6}
 
 
-def release_config() -> dict:
-    """The released YAML's structure; nb_components comes from exp_factor x input_shape."""
+def release_config(dims: dict[str, int] = RELEASED_DIMS, n: int | None = None,
+                   k: int = K) -> dict:
+    """The released YAML's structure; nb_components comes from exp_factor x input_shape, or is
+    ``n`` when given."""
     zoo = {name: {"checkpoint_path": f"/home/authors/weights/{name}/uni_{name}_checkpoint_29.pth",
                   "input_shape": width, "num_tokens": 196, "og_model": name,
                   "model_mean": RELEASED_STATS[name][0], "model_std": RELEASED_STATS[name][1]}
-           for name, width in RELEASED_DIMS.items()}
-    return {"global": {"exp_factor": 2, "input_shape": 8, "batch_size": 32, "nb_epochs": 30,
+           for name, width in dims.items()}
+    sizes = {"exp_factor": 2, "input_shape": 8} if n is None else {"nb_components": n}
+    return {"global": {**sizes, "batch_size": 32, "nb_epochs": 30,
                        "standardize": True, "divide_norm": False, "use_class_tokens": False,
                        "run_name": "${model_1}_${model_2}_${model_3}_ex${exp_factor}"},
             "viz": {"dataset": "imagenet", "batch_size": 100},
             "sae_params": {"encoder_module": "mlp_bn_1", "dictionary_initializer": None,
                            "data_initializer": None, "dictionary_normalization": "l2",
-                           "top_k": K},
+                           "top_k": k},
             "model_zoo": zoo}
 
 
-def write_release(folder: Path, config: dict | None = None) -> tuple[Path, dict]:
+def write_release(folder: Path, config: dict | None = None, dims: dict[str, int] = RELEASED_DIMS,
+                  n: int = N, k: int = K) -> tuple[Path, dict]:
     """The release in ``folder``: the YAML and the .pth files (ViT's as a bare state dict, the
-    others as training checkpoints). Returns the YAML's path and the state dicts."""
+    others as training checkpoints). Returns the YAML's path and the state dicts. ``dims``,
+    ``n``, ``k``: another release's sizes (e.g. ``PAPER_DIMS``, the real widths)."""
     folder.mkdir(parents=True, exist_ok=True)
-    states = {name: released_state(width, seed) for seed, (name, width)
-              in enumerate(RELEASED_DIMS.items())}
+    states = {name: released_state(width, seed, n) for seed, (name, width)
+              in enumerate(dims.items())}
     for name, state in states.items():
         torch.save(state if name == "ViT" else training_checkpoint(state),
                    folder / f"uni_{name}_checkpoint_29.pth")
     path = folder / "config_dino_siglip_vit.yaml"
-    path.write_text(yaml.safe_dump(config or release_config(), sort_keys=False))
+    default = release_config() if (dims, n, k) == (RELEASED_DIMS, N, K) else \
+        release_config(dims, n, k)
+    path.write_text(yaml.safe_dump(config or default, sort_keys=False))
     return path, states
 
 

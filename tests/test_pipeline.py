@@ -55,6 +55,83 @@ def test_experiment_refuses_nonsense(options, message, odd_paths):
 
 
 # ----------------------------------------------------------------------------------------------
+# --checkpoint: a USAE to analyse instead of training one (usae_origin has the details)
+
+
+@pytest.fixture
+def imagenet_root(tmp_path):
+    """An ImageNet-like root: train/ and val/, one folder per class, one image each."""
+    from conftest import coded_image
+
+    for split in ("train", "val"):
+        (tmp_path / "imagenet" / split / "n01").mkdir(parents=True)
+        coded_image(1).save(tmp_path / "imagenet" / split / "n01" / "x.png")
+    return tmp_path / "imagenet"
+
+
+@pytest.fixture
+def release(tmp_path):
+    from test_official import PAPER_DIMS, write_release
+
+    return write_release(tmp_path / "release", dims=PAPER_DIMS, n=64, k=4)[0]
+
+
+def paper(imagenet_root, tmp_path, **options) -> pipeline.Experiment:
+    return pipeline.Experiment(preset="paper", images=str(imagenet_root), quick=True,
+                               out=str(tmp_path / "out"), **options)
+
+
+def test_checkpoint_gives_n_and_k_and_maps_the_release_onto_the_paper_backbones(
+        imagenet_root, release, tmp_path):
+    exp = paper(imagenet_root, tmp_path, checkpoint=str(release))
+    assert (exp.n_concepts, exp.k) == (64, 4)  # the checkpoint's, not the preset's 6144 / 32
+    assert exp.checkpoint == str(release)
+    hub_free = paper(imagenet_root, tmp_path, checkpoint=str(release),
+                     backbones=["random:dinov2", "random:siglip", "random:vit"])
+    assert hub_free.names == ["random_dinov2", "random_siglip", "random_vit"]
+    assert pipeline.Experiment(**pipeline.dataclasses.asdict(exp)) == exp  # experiment.json
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"checkpoint": "{missing}"}, "checkpoint .* does not exist"),
+    ({"checkpoint": "{file}"}, "of no known kind"),
+    ({"checkpoint": "{empty}"}, "of no known kind"),
+    ({"checkpoint": 5}, "checkpoint must be a path"),
+    ({"checkpoint": "{release}", "n_concepts": 128}, "n_concepts=128 differs from the "
+                                                     "checkpoint's n_concepts=64"),
+    ({"checkpoint": "{release}", "k": 8}, "k=8 differs from the checkpoint's k=4"),
+    ({"checkpoint": "{release}", "backbones": ["dinov2_imgfocus_block9", "siglip", "vit"]},
+     "model 'DinoV2' .* has no backbone in this run"),
+    ({"checkpoint": "{ours}"}, "holds the models \\['a', 'b'\\], but this run's are"),
+])
+def test_experiment_refuses_a_bad_checkpoint(options, message, odd_paths, imagenet_root, release,
+                                             tmp_path):
+    import usae_checkpoint
+    import usae_core
+
+    usae_checkpoint.save(usae_core.USAE({"a": 8, "b": 8}, 64, 4), tmp_path / "ours.safetensors")
+    paths = {**odd_paths, "release": release, "ours": tmp_path / "ours.safetensors"}
+    options = {k: v.format(**paths) if isinstance(v, str) else v for k, v in options.items()}
+    with pytest.raises(ValueError, match=message):
+        paper(imagenet_root, tmp_path, **options)
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_prepare_caches_refuses_other_widths_before_extracting(imagenet_root, tmp_path):
+    """The release's DinoV2 is 768 wide here, the backbone dinov2 (ViT-S/14) 384: refused
+    before a cache is built."""
+    from test_official import PAPER_DIMS, write_release
+
+    release = write_release(tmp_path / "wide", dims={**PAPER_DIMS, "DinoV2": 768}, n=64, k=4)[0]
+    exp = paper(imagenet_root, tmp_path, checkpoint=str(release),
+                backbones=["random:dinov2", "random:siglip", "random:vit"])
+    with pytest.raises(ValueError, match="model 'DinoV2' .* has width 768, but the backbone "
+                                         "'random_dinov2' gives tokens of width 384"):
+        pipeline.prepare_caches(exp, progress=False)
+    assert not (exp.folder / "caches").exists()
+
+
+# ----------------------------------------------------------------------------------------------
 # Safe loading
 
 
