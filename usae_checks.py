@@ -73,9 +73,11 @@ def check_train_config(config: core.TrainConfig) -> None:
             raise ValueError(f"{key} must be a finite number {bound}, got {value!r}.")
     if config.warmup_steps is not None and not is_int(config.warmup_steps):
         raise ValueError(f"warmup_steps must be an integer >= 0, got {config.warmup_steps!r}.")
-    for key in ("progress", "sparse_decode"):
-        if not isinstance(getattr(config, key), bool):
-            raise ValueError(f"{key} must be True or False, got {getattr(config, key)!r}.")
+    if not isinstance(config.progress, bool):
+        raise ValueError(f"progress must be True or False, got {config.progress!r}.")
+    if config.sparse_decode is not None and not isinstance(config.sparse_decode, bool):
+        raise ValueError(f"sparse_decode must be True, False or None (on a CPU only), got "
+                         f"{config.sparse_decode!r}.")
     require_positive_int(config.log_every, "log_every")
     if config.device is not None:
         require_device(config.device)

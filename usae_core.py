@@ -222,7 +222,8 @@ class TrainConfig:
     device: str | None = None  # None: where the model is
     progress: bool = True
     precision: str = "fp32"  # "bf16": matmuls under bf16 autocast, not only a rounding change
-    sparse_decode: bool = False  # decode k rows per token (embedding_bag), not codes @ D
+    # Decode k rows per token (embedding_bag), not codes @ D: the same values up to rounding.
+    sparse_decode: bool | None = None  # None: on a CPU (faster there), not on a GPU
     dictionary_init: str = "randn"  # released (norm ~sqrt(d): barely turns); "unit", "tokens"
     encoder_init: str = "default"  # PyTorch's; "transpose": the dictionary's (Gao et al., 2024)
 
@@ -264,7 +265,10 @@ class Trainer:
             else total_steps // 30
         # One fused kernel per update instead of small ops per parameter (about 4x faster on CPU
         # at the paper's sizes); the same update up to float rounding.
-        fused = True if next(model.parameters()).device.type in ("cpu", "cuda") else None
+        device = next(model.parameters()).device
+        fused = True if device.type in ("cpu", "cuda") else None
+        self.sparse_decode = device.type == "cpu" if config.sparse_decode is None \
+            else config.sparse_decode
         self.optimizers = {name: torch.optim.AdamW(model.pairs[name].parameters(), lr=config.lr,
                                                    weight_decay=config.weight_decay, fused=fused)
                            for name in model.names}
@@ -325,7 +329,7 @@ class Trainer:
             encoding = model._encode(source, batch[source])
             values = encoding.codes.gather(-1, encoding.indices)
             recons = {name: (F.embedding_bag(encoding.indices, d, per_sample_weights=values,
-                                             mode="sum") if cfg.sparse_decode
+                                             mode="sum") if self.sparse_decode
                              else encoding.codes @ d).float() for name, d in dictionaries.items()}
             options = {"aux_weight": cfg.aux_weight} if cfg.loss == "l1_aux" else {}
             losses = LOSSES[cfg.loss](batch, recons, encoding, dictionaries, **options)

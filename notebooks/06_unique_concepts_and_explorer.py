@@ -65,10 +65,15 @@ else:
 # %% [markdown]
 # ## The concept explorer
 #
-# Choose a concept with the slider or the dropdown (sorted by energy, firing entropy or co-fire
-# proportion) to see each model's top images with the concept's heatmap and its statistics; in
-# the second tab, pick an image to see which concepts fire in each model. The static view below
-# shows the first concept when the notebook is read without a live kernel.
+# Three tabs. **Concept**: pick a concept by rank, by id (type it) or from the dropdown, sorted
+# by energy, firing entropy or co-fire proportion; each model shows a row of its top images, the
+# raw image beside the concept's heatmap on one colour scale shared by all models (the colour
+# bar gives it), then each model's activation histogram and the nearest concepts (by co-firing or
+# dictionary cosine), which open on a click. **Image**: search images by label or `#index`, pick
+# one, see its top concepts per model (coloured by how widely they fire; a click opens the
+# concept) and their heatmaps on it. **Translation**: encode the image with model A, decode it
+# into model B, and see B's per-patch R². The static view below shows the first concept when the
+# notebook is read without a live kernel.
 
 # %%
 from IPython.display import display

@@ -246,7 +246,16 @@ def test_checkpoints_written_before_the_new_options_still_resume(tmp_path):
 
 @pytest.mark.parametrize("options, message", [
     ({"precision": "fp16"}, "precision='fp16' is not one of"),
-    ({"sparse_decode": 1}, "sparse_decode must be True or False")])
+    ({"sparse_decode": 1}, "sparse_decode must be True, False or None")])
 def test_bad_speed_options_are_refused(options, message):
     with pytest.raises(ValueError, match=message):
         checks.check_train_config(core.TrainConfig(**options))
+
+
+def test_sparse_decode_by_default_on_a_cpu_only():
+    """None (the default) decodes sparsely on a CPU, where it is faster (benchmarks/
+    train_throughput.py --entry); an explicit choice is kept."""
+    model = core.USAE(DIMS, 32, 4)
+    assert core.TrainConfig().sparse_decode is None
+    assert core.Trainer(model, core.TrainConfig(), 4, 0).sparse_decode is True
+    assert core.Trainer(model, core.TrainConfig(sparse_decode=False), 4, 0).sparse_decode is False
