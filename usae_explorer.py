@@ -236,10 +236,14 @@ def translation_r2(model, source: str, target: str, source_acts, target_acts,
 
 class CacheActivations:
     """``activations(image) -> {model: T x d float32}``: one image's rows of a cache's arrays
-    (only those rows are read from the memmaps)."""
+    (only those rows are read from the memmaps), under the USAE's model ``names`` when given
+    (in the cache's order: a cache names models by backbone, e.g. ``random:dinov2``)."""
 
-    def __init__(self, cache: usae_cache.Cache):
-        self.arrays, self.tokens = cache.arrays, cache.tokens_per_image
+    def __init__(self, cache: usae_cache.Cache, names: Sequence[str] | None = None):
+        names = list(cache.arrays) if names is None else list(names)
+        assert len(names) == len(cache.arrays), f"{names} for the cache's {list(cache.arrays)}"
+        self.arrays = dict(zip(names, cache.arrays.values()))
+        self.tokens = cache.tokens_per_image
 
     def __call__(self, image: int) -> dict[str, np.ndarray]:
         rows = slice(int(image) * self.tokens, (int(image) + 1) * self.tokens)
@@ -337,7 +341,7 @@ class ConceptExplorer:
             stats.code_sums, stats.n_tokens, analysis.dictionary_norms(model))
         return cls(codes, CacheImages(cache), stats, energies=energies, grid=cache.grid,
                    positions=cache.positions, model=model,
-                   activations=CacheActivations(cache), **options)
+                   activations=CacheActivations(cache, list(codes)), **options)
 
     # -- concepts: orders, search, statistics ------------------------------------------------
     def _statistic(self, key: str) -> np.ndarray:

@@ -14,7 +14,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Iterable, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -43,6 +43,12 @@ class ImageSet:
     def absolute(self, index: int) -> Path:
         """Full path of image ``index``."""
         return self.root / self.paths[index]
+
+    def subset(self, indices: Iterable[int]) -> "ImageSet":
+        """The images at ``indices``, in that order."""
+        indices = list(indices)
+        return ImageSet(self.root, tuple(self.paths[i] for i in indices),
+                        tuple(self.labels[i] for i in indices))
 
     def sha256(self) -> str:
         """Hash of the (path, label) list: two image sets with equal hashes are the same list."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -189,28 +189,21 @@ class TokenLoader:
         epoch, offset = divmod(step * batch_size, self.n_rows)
         plan = self._plan(epoch, offset)
         pool = concurrent.futures.ThreadPoolExecutor(1) if self.config.prefetch else None
-        try:
+        def buffers() -> Iterator[tuple[dict[str, np.ndarray], np.ndarray, int]]:
             spec = next(plan)
             pending = pool.submit(self._read, *spec[:3]) if pool else None
-            parts: dict[str, list[np.ndarray]] = {name: [] for name in self.names}
-            need = batch_size
             while True:
                 data, order = pending.result() if pool else self._read(*spec[:3])
                 start = spec[3]
                 spec = next(plan)
                 if pool:  # read the next buffer while this one is served
                     pending = pool.submit(self._read, *spec[:3])
-                while start < len(order):
-                    take = order[start:start + need]
-                    for name in self.names:
-                        parts[name].append(data[name][take])
-                    start += len(take)
-                    need -= len(take)
-                    if need == 0:
-                        yield self._batch(parts)
-                        parts = {name: [] for name in self.names}
-                        need = batch_size
+                yield data, order, start
                 del data, order
+
+        try:
+            for parts in cut_batches(buffers(), self.names, batch_size):
+                yield self._batch(parts)
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
@@ -227,6 +220,29 @@ class TokenLoader:
                 values.sub_(mean).div_(std + STD_EPS)
             batch[name] = values
         return batch
+
+
+def cut_batches(buffers: Iterable[tuple[Mapping[str, np.ndarray], np.ndarray, int]],
+                names: Sequence[str], batch_size: int) -> Iterator[dict[str, list[np.ndarray]]]:
+    """Consecutive batches of ``batch_size`` rows from shuffled buffers, as lists of pieces.
+
+    Each buffer is ``(data, order, start)``: model name -> rows, the order in which to serve
+    them, and the first position of ``order`` to serve (a resumed run starts mid-buffer). A batch
+    may span buffers; rows of every model are taken at the same positions, so they stay aligned.
+    """
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    need = batch_size
+    for data, order, start in buffers:
+        while start < len(order):
+            take = order[start:start + need]
+            for name in names:
+                parts[name].append(data[name][take])
+            start += len(take)
+            need -= len(take)
+            if need == 0:
+                yield parts
+                parts, need = {name: [] for name in names}, batch_size
+        del data, order  # before the next buffer is read: one buffer in memory, not two
 
 
 def iter_rows(cache: Cache, batch_size: int = 16384, *,

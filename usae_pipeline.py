@@ -304,9 +304,7 @@ def _first(images: images_lib.ImageSet, count: int) -> images_lib.ImageSet:
     """The first ``count`` images of an evenly spread selection (all when ``count`` is 0)."""
     if not count or count >= len(images):
         return images
-    chosen = np.linspace(0, len(images) - 1, count).round().astype(int)
-    return dataclasses.replace(images, paths=tuple(images.paths[i] for i in chosen),
-                               labels=tuple(images.labels[i] for i in chosen))
+    return images.subset(np.linspace(0, len(images) - 1, count).round().astype(int))
 
 
 def _skimage_folder(name: str, arrays: Mapping[str, np.ndarray]) -> Path:

@@ -53,6 +53,7 @@ extraction of a cache build), ``usae_cache_files`` (the kept positions, the stat
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -69,6 +70,7 @@ import usae_io
 from usae_cache import extract_batch, load_for_models
 from usae_checks import is_int, require_device, require_seed
 from usae_images import ImageSet, list_images
+from usae_loader import cut_batches
 
 RECORD_FORMAT = "usae-stream-record/1"
 # Sub-streams of the seed, apart from the cache's positions (1) and statistics (2) streams.
@@ -474,23 +476,11 @@ class TokenStream:
     def _serve(self, chunks: Iterator, data: dict, shuffle: np.ndarray,
                skip: int) -> Iterator[dict[str, torch.Tensor]]:
         """Batches from row ``skip`` of the shuffled chunk ``data`` on, then from ``chunks``."""
-        batch_size = self.config.batch_size
-        parts: dict[str, list[np.ndarray]] = {name: [] for name in self.names}
-        need = batch_size
-        while True:
-            start = skip
-            while start < len(shuffle):
-                take = shuffle[start:start + need]
-                for name in self.names:
-                    parts[name].append(data[name][take])
-                start += len(take)
-                need -= len(take)
-                if need == 0:
-                    yield self._batch(parts)
-                    parts = {name: [] for name in self.names}
-                    need = batch_size
-            data, shuffle = next(chunks)
-            skip = 0
+        buffers = itertools.chain([(data, shuffle, skip)],
+                                  ((data, shuffle, 0) for data, shuffle in chunks))
+        del data, shuffle
+        for parts in cut_batches(buffers, self.names, self.config.batch_size):
+            yield self._batch(parts)
 
     def _batch(self, parts: dict[str, list[np.ndarray]]) -> dict[str, torch.Tensor]:
         return {name: torch.from_numpy(np.concatenate(pieces)).to(self.device, torch.float32)

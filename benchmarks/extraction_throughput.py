@@ -37,6 +37,16 @@ def bare_forward(backbones, pixels: list[torch.Tensor], batch_size: int, device)
     return time.perf_counter() - start
 
 
+def images_and_backbones(args) -> tuple[usae_images.ImageSet, list]:
+    """The first ``args.count`` images of ``args.images`` (default: the shared photos) and the
+    backbones named in ``args.backbones``, in eval mode on ``args.device``."""
+    images = (usae_images.list_images(args.images) if args.images
+              else usae_images.default_images())
+    images = images.subset(range(min(args.count, len(images))))
+    return images, [usae_backbones.load_backbone(name, device=args.device).eval()
+                    for name in args.backbones.split(",")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", default=None, help="image folder (default: shared photos)")
@@ -48,11 +58,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4, help="image-decoding threads")
     args = parser.parse_args()
 
-    images = (usae_images.list_images(args.images) if args.images
-              else usae_images.default_images())
-    images = type(images)(images.root, images.paths[:args.count], images.labels[:args.count])
-    backbones = [usae_backbones.load_backbone(name, device=args.device).eval()
-                 for name in args.backbones.split(",")]
+    images, backbones = images_and_backbones(args)
     decoded = [usae_images.open_image(images.absolute(i)).image for i in range(len(images))]
     pixels = [torch.stack([b.preprocess(image) for image in decoded]) for b in backbones]
 

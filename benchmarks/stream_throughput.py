@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import usae_backbones  # noqa: E402
-import usae_images  # noqa: E402
+from extraction_throughput import images_and_backbones  # noqa: E402
 from usae_stream import StreamConfig, TokenStream  # noqa: E402
 
 
@@ -48,11 +48,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    images = (usae_images.list_images(args.images) if args.images
-              else usae_images.default_images())
-    images = type(images)(images.root, images.paths[:args.count], images.labels[:args.count])
-    backbones = [usae_backbones.load_backbone(name, device=args.device).eval()
-                 for name in args.backbones.split(",")]
+    images, backbones = images_and_backbones(args)
     config = StreamConfig(batch_size=args.batch_size, tokens_per_image=args.tokens,
                           buffer_images=args.buffer_images, workers=args.workers,
                           device=args.device, forward_images=args.forward_images)

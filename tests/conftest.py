@@ -310,3 +310,46 @@ def planted_run() -> PlantedRun:
                     lr=0.01, progress=False)
     held_out = usae_synthetic.planted_concepts(dims, 32, 3, 4096, seed=0, token_seed=1).acts
     return PlantedRun(model, train, held_out)
+
+
+# ---- two-process (gloo) runs: the environment torchrun sets, one process per rank ------------
+
+
+def start_ranks(argv: list[str], logs: Path, world: int = 2) -> list[subprocess.Popen]:
+    """``python *argv`` once per rank, as torchrun would start them on this machine (gloo on the
+    CPU, a free port); rank r writes its output to ``logs/rank<r>.log``."""
+    import socket
+    import sys
+
+    logs.mkdir(parents=True, exist_ok=True)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "WORLD_SIZE": str(world), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return [subprocess.Popen([sys.executable, *argv], cwd=ROOT, stderr=subprocess.STDOUT,
+                             stdout=(logs / f"rank{r}.log").open("w"),
+                             env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
+            for r in range(world)]
+
+
+def stop_ranks(processes: list[subprocess.Popen]) -> None:
+    for process in processes:  # a rank left waiting in a collective would hang for ever
+        process.kill()
+        process.wait()
+
+
+def run_ranks(argv: list[str], logs: Path, world: int = 2, limit: float = 120) -> None:
+    """:func:`start_ranks`, then wait for every rank (at most ``limit`` s); fails the test with
+    the tail of each rank's log unless every rank exited with 0."""
+    processes = start_ranks(argv, logs, world)
+    deadline = time.monotonic() + limit
+    try:
+        while any(p.poll() is None for p in processes) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop_ranks(processes)
+    report = "\n".join(f"--- rank {r} (exit {p.returncode}):\n"
+                       f"{(logs / f'rank{r}.log').read_text()[-3000:]}"
+                       for r, p in enumerate(processes))
+    assert all(p.returncode == 0 for p in processes), report

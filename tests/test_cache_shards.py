@@ -8,9 +8,7 @@ fake backbones of conftest and writes what happened to ``rank<r>.json`` (:func:`
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +20,8 @@ import torch.distributed as dist
 import usae_cache
 import usae_cache_files
 import usae_cache_shards as shards
-from conftest import FakeBackbone, fake_pair, folder_bytes, write_images
+from conftest import (FakeBackbone, fake_pair, folder_bytes, run_ranks as run_to_the_end,
+                      start_ranks, stop_ranks, write_images)
 from test_io import holder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,42 +74,13 @@ def worker(images: str, out: str, results: str, mode: str) -> None:
 # ---- launching two ranks -----------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_ranks(images: Path, out: Path, results: Path, mode: str) -> list[subprocess.Popen]:
-    results.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           "WORLD_SIZE": str(WORLD), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return [subprocess.Popen([sys.executable, __file__, str(images), str(out), str(results),
-                              mode], cwd=ROOT, stdout=(results / f"rank{r}.log").open("w"),
-                             stderr=subprocess.STDOUT,
-                             env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
-            for r in range(WORLD)]
-
-
-def stop(processes: list[subprocess.Popen]) -> None:
-    for process in processes:  # a rank left waiting in a collective would hang for ever
-        process.kill()
-        process.wait()
+def start(images: Path, out: Path, results: Path, mode: str) -> list[subprocess.Popen]:
+    return start_ranks([__file__, str(images), str(out), str(results), mode], results, WORLD)
 
 
 def run_ranks(images: Path, out: Path, results: Path, mode: str = "plain") -> list[dict]:
     """Both ranks to the end (or 120 s); what each rank reported."""
-    processes = start_ranks(images, out, results, mode)
-    deadline = time.monotonic() + 120
-    try:
-        while any(p.poll() is None for p in processes) and time.monotonic() < deadline:
-            time.sleep(0.05)
-    finally:
-        stop(processes)
-    logs = "\n".join(f"--- rank {r} (exit {p.returncode}):\n"
-                     f"{(results / f'rank{r}.log').read_text()[-3000:]}"
-                     for r, p in enumerate(processes))
-    assert all(p.returncode == 0 for p in processes), logs
+    run_to_the_end([__file__, str(images), str(out), str(results), mode], results, WORLD)
     return [json.loads((results / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
@@ -256,7 +226,7 @@ def test_a_killed_job_resumes_byte_identical(images, reference, tmp_path):
     """SIGKILL both ranks (as torchrun stops a job) once rank 1 has saved a batch."""
     out, results = tmp_path / "cache", tmp_path / "killed"
     progress = shards.shard_folder(out, 6, 11) / "progress.json"
-    processes = start_ranks(images, out, results, "slow")
+    processes = start(images, out, results, "slow")
     try:
         deadline = time.monotonic() + 120
         while not (progress.exists() and json.loads(progress.read_text())["images_done"] >= 2):
@@ -264,12 +234,12 @@ def test_a_killed_job_resumes_byte_identical(images, reference, tmp_path):
             assert time.monotonic() < deadline, "no progress within 120 s"
             time.sleep(0.02)
     finally:
-        stop(processes)
+        stop_ranks(processes)
     assert not (out / "cache.json").exists()
     resumed = run_ranks(images, out, tmp_path / "resumed")
     assert resumed[1]["calls"][1] <= 2  # at most rank 1's two last batches were recomputed
     assert_same_as_one_process(out, reference)
 
 
-if __name__ == "__main__":  # one rank of a two-process run (see start_ranks)
+if __name__ == "__main__":  # one rank of a two-process run (see start)
     worker(*sys.argv[1:])

@@ -5,11 +5,7 @@ The two-process tests start this file as a script twice, with the environment to
 (:func:`worker`) and saves what it saw, which the tests compare with one-process runs.
 """
 import itertools
-import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +15,7 @@ from torch import nn
 import usae_checkpoint as ckpt
 import usae_core as core
 import usae_distributed as ud
+from conftest import run_ranks
 from test_core import DIMS, tiny_batches
 
 pytestmark = pytest.mark.distributed
@@ -162,34 +159,11 @@ def worker(out):
 # ---- the two-process run, once for the module ------------------------------------------------
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """What ranks 0 and 1 saved (the worker's ``results``)."""
     out = tmp_path_factory.mktemp("distributed")
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           "WORLD_SIZE": str(WORLD), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    logs = [out / f"rank{r}.log" for r in range(WORLD)]
-    processes = [subprocess.Popen([sys.executable, __file__, str(out)], cwd=ROOT,
-                                  stdout=log.open("w"), stderr=subprocess.STDOUT,
-                                  env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
-                 for r, log in enumerate(logs)]
-    deadline = time.monotonic() + 120
-    try:
-        while any(p.poll() is None for p in processes) and time.monotonic() < deadline:
-            time.sleep(0.1)
-    finally:
-        for process in processes:  # a rank left waiting in a collective would hang forever
-            process.kill()
-            process.wait()
-    report = "\n".join(f"--- rank {r} (exit {p.returncode}):\n{log.read_text()[-3000:]}"
-                       for r, (p, log) in enumerate(zip(processes, logs)))
-    assert all(p.returncode == 0 for p in processes), report
+    run_ranks([__file__, str(out)], out, WORLD)
     return [{**torch.load(out / f"rank{r}.pt", weights_only=True), "folder": out}
             for r in range(WORLD)]
 

@@ -13,6 +13,7 @@ from PIL import Image
 
 import usae_analysis as analysis
 import usae_cache
+import usae_core as core
 import usae_explorer as ex
 import usae_heatmaps as hm
 import usae_figures as figs
@@ -424,7 +425,6 @@ def test_nearest_by_dictionary_cosine_averages_the_models(explorer):
 
 
 def small_usae():
-    import usae_core as core
     model = core.USAE({"a": 8, "b": 6, "c": 5}, n_concepts=N_CONCEPTS, k=4, seed=0)
     generator = torch.Generator().manual_seed(3)
     sample = {n: torch.randn(64, d, generator=generator) * 2 + 1 for n, d in model.dims.items()}
@@ -518,3 +518,20 @@ def test_from_cache_on_a_subsampled_synthetic_cache(tmp_path):
     maps = explorer.heatmaps(int(explorer.concept_order()[0]), "a", [0, 3])
     assert np.count_nonzero(maps[0]) <= 20  # only the kept positions can be hot
     assert len(explorer.static_view(show_table=False).axes) == 2 * 2
+
+
+def test_a_cache_named_by_backbones_serves_the_usaes_model_names(tmp_path):
+    """A cache names models by backbone (``random:a``), a USAE by model key (``random_a``): the
+    translation view reads the image's activations under the USAE's names."""
+    cache = usae_cache.make_synthetic_cache(tmp_path / "cache", {"random:a": 8, "b": 6}, 3,
+                                            tokens_per_image=196, stats_sample=3)
+    model = core.USAE({"random_a": 8, "b": 6}, N_CONCEPTS, 3, seed=0)
+    model.set_standardization(dict(zip(model.names, cache.standardization.values())))
+    codes = {n: to_sparse(torch.rand(cache.n_tokens, N_CONCEPTS)) for n in model.names}
+    explorer = ex.ConceptExplorer.from_cache(cache, codes, model=model, top_n=2)
+    acts = explorer.activations(1)
+    assert list(acts) == ["random_a", "b"]
+    assert np.array_equal(acts["random_a"], np.asarray(cache.arrays["random:a"][196:392],
+                                                       dtype=np.float32))
+    r2_map, translated = explorer.translation_map(1, "random_a", "b")  # under the USAE's names
+    assert r2_map.shape == (14, 14) and np.isfinite(translated.image_r2)

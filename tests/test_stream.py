@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +19,7 @@ import usae_cache_files
 import usae_checkpoint
 import usae_core
 import usae_images
-from conftest import ROOT, FakeBackbone, build_pair, fake_pair, write_images
+from conftest import FakeBackbone, build_pair, fake_pair, run_ranks, write_images
 from usae_stream import StreamConfig, TokenStream
 
 TOKENS = 60
@@ -240,26 +236,7 @@ def ddp_worker(out, images):
 
 @pytest.mark.distributed
 def test_two_ranks_on_one_stream_train_as_one_process(folder, tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-           "WORLD_SIZE": "2", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    logs = [tmp_path / f"rank{r}.log" for r in range(2)]
-    processes = [subprocess.Popen([sys.executable, __file__, str(tmp_path), str(folder)],
-                                  cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                                  env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
-                 for r, log in enumerate(logs)]
-    deadline = time.monotonic() + 120
-    try:
-        while any(p.poll() is None for p in processes) and time.monotonic() < deadline:
-            time.sleep(0.1)
-    finally:
-        for process in processes:  # a rank left waiting in a collective would hang forever
-            process.kill()
-            process.wait()
-    assert all(p.returncode == 0 for p in processes), "\n".join(
-        log.read_text()[-3000:] for log in logs)
+    run_ranks([__file__, str(tmp_path), str(folder)], tmp_path, 2)
     states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     expected = ddp_model()
     usae_core.train(expected, ddp_stream(folder, tmp_path / "one"), DDP_STEPS, 0, lr=0.01,
