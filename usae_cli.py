@@ -125,7 +125,7 @@ def options() -> dict[str, Option]:
                 metavar or field.name.upper()
             value = field.default_factory() if field.default is dataclasses.MISSING else \
                 field.default  # the docstring says what a computed default is
-            default = doc.default or ("none" if value is None else ",".join(value)
+            default = doc.default or ("none" if value in (None, "") else ",".join(value)
                                       if isinstance(value, list) else value)
         table["--" + field.name.replace("_", "-")] = Option(field.name, metavar, convert,
                                                             f"{doc.help} (default: {default})")

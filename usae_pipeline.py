@@ -155,8 +155,8 @@ class Experiment:
         ``.pth`` files beside it or where it says). Imported once, with its n and k (which
         ``n_concepts`` and ``k`` then follow; other values are refused) and standardisation,
         into ``<out>/usae.safetensors``; the release's models SigLIP, DinoV2 and ViT become the
-        backbones siglip, dinov2 and vit. The independent SAEs are still trained. Empty: train
-        the USAE.
+        backbones siglip, dinov2 and vit. The independent SAEs are still trained. None: train
+        the USAE here.
     """
 
     preset: str = "offline"
