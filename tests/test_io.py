@@ -157,3 +157,33 @@ def test_a_lock_of_a_process_that_no_longer_runs_is_taken_over(tmp_path):
                                 "what": "building", "started": "earlier"}))
     with usae_io.exclusive(lock, "resuming"):
         assert json.loads(lock.read_text())["pid"] == os.getpid()
+
+
+CONTEND = """
+import sys, time
+sys.path.insert(0, {root!r})
+import usae_io
+try:
+    with usae_io.exclusive({lock!r}, "contending for a stale lock"):
+        print("held", flush=True)
+        time.sleep(1.5)
+except usae_io.BusyError:
+    print("busy", flush=True)
+"""
+
+
+def test_a_stale_lock_is_taken_over_by_exactly_one_of_several_processes(tmp_path):
+    """Four processes started together contend for a lock left by a dead process: exactly one
+    takes it over, the others are refused while it holds it."""
+    lock = tmp_path / ".lock"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    lock.write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(),
+                                "what": "a run that was killed", "started": "earlier"}))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = CONTEND.format(root=root, lock=str(lock))
+    processes = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                                  text=True) for _ in range(4)]
+    outcomes = sorted(process.communicate(timeout=60)[0].strip() for process in processes)
+    assert outcomes == ["busy", "busy", "busy", "held"]
+    assert not lock.exists()
