@@ -353,3 +353,80 @@ def run_ranks(argv: list[str], logs: Path, world: int = 2, limit: float = 120) -
                        f"{(logs / f'rank{r}.log').read_text()[-3000:]}"
                        for r, p in enumerate(processes))
     assert all(p.returncode == 0 for p in processes), report
+
+
+# ---- planted sparse codes: the explorer's, the heatmaps' and the widgets' tests ----------------
+
+GRID, T, N_CONCEPTS, K, N_IMAGES = 14, 196, 16, 3, 6
+NAMES = ("a", "b", "c")
+# (concept, value, [(model, image, row, col), ...]): a universal concept (2), a concept of
+# models a and b (7), one unique to model a (5). Background noise uses concepts 8..15 only.
+PLANTS = [
+    (2, 4.0, [(m, 1, 3, 5) for m in NAMES] + [(m, 4, 10, 2) for m in NAMES]),
+    (7, 3.0, [("a", 1, 0, 0), ("b", 1, 0, 0)]),
+    (5, 3.0, [("a", 2, 7, 7)]),
+]
+
+
+def to_sparse(dense: torch.Tensor):
+    """Top-k of a dense ``tokens x n`` matrix; zero slots get distinct unused concepts."""
+    values, indices = torch.topk(dense, K, dim=1)
+    import usae_analysis as analysis
+
+    return analysis.SparseCodes(indices.to(torch.int16), values.half(), dense.shape[1])
+
+
+def planted_dense(seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    dense = {}
+    for name in NAMES:
+        z = torch.zeros(N_IMAGES * T, N_CONCEPTS)
+        rows = torch.randint(0, N_IMAGES * T, (100,), generator=generator)
+        concepts = torch.randint(8, N_CONCEPTS, (100,), generator=generator)
+        z[rows, concepts] = 0.05 + 0.25 * torch.rand(100, generator=generator)
+        dense[name] = z
+    for concept, value, places in PLANTS:
+        for model, image, row, col in places:
+            dense[model][image * T + row * GRID + col, concept] = value
+    # fp16 rounding happens in the sparse form: keep the dense reference identical to it
+    return {n: to_sparse(z).dense() for n, z in dense.items()}
+
+
+@pytest.fixture(scope="module")
+def dense():
+    return planted_dense()
+
+
+@pytest.fixture(scope="module")
+def codes(dense):
+    return {n: to_sparse(z) for n, z in dense.items()}
+
+
+def photo(i: int, size=(300, 200)) -> Image.Image:
+    rng = np.random.default_rng(i)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return [photo(i) for i in range(N_IMAGES)]
+
+
+@pytest.fixture
+def explorer(codes, photos):
+    import usae_analysis as analysis
+    import usae_explorer
+
+    return usae_explorer.ConceptExplorer(codes, photos, analysis.concept_statistics(codes),
+                                         top_n=3)
+
+
+def small_usae():
+    """A USAE over the planted models with channel-centred standardisation."""
+    import usae_core as core
+
+    model = core.USAE({"a": 8, "b": 6, "c": 5}, n_concepts=N_CONCEPTS, k=4, seed=0)
+    generator = torch.Generator().manual_seed(3)
+    sample = {n: torch.randn(64, d, generator=generator) * 2 + 1 for n, d in model.dims.items()}
+    model.fit_standardization(sample, centre_channels=True)
+    return model

@@ -9,137 +9,13 @@ import numpy as np
 import pytest
 import torch
 from matplotlib.figure import Figure
-from PIL import Image
 
 import usae_analysis as analysis
 import usae_cache
 import usae_core as core
 import usae_explorer as ex
-import usae_heatmaps as hm
 import usae_figures as figs
-
-GRID, T, N_CONCEPTS, K, N_IMAGES = 14, 196, 16, 3, 6
-NAMES = ("a", "b", "c")
-# (concept, value, [(model, image, row, col), ...]): a universal concept (2), a concept of
-# models a and b (7), one unique to model a (5). Background noise uses concepts 8..15 only.
-PLANTS = [
-    (2, 4.0, [(m, 1, 3, 5) for m in NAMES] + [(m, 4, 10, 2) for m in NAMES]),
-    (7, 3.0, [("a", 1, 0, 0), ("b", 1, 0, 0)]),
-    (5, 3.0, [("a", 2, 7, 7)]),
-]
-
-
-def to_sparse(dense: torch.Tensor) -> analysis.SparseCodes:
-    """Top-k of a dense ``tokens x n`` matrix; zero slots get distinct unused concepts."""
-    values, indices = torch.topk(dense, K, dim=1)
-    return analysis.SparseCodes(indices.to(torch.int16), values.half(), dense.shape[1])
-
-
-def planted_dense(seed: int = 0) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    dense = {}
-    for name in NAMES:
-        z = torch.zeros(N_IMAGES * T, N_CONCEPTS)
-        rows = torch.randint(0, N_IMAGES * T, (100,), generator=generator)
-        concepts = torch.randint(8, N_CONCEPTS, (100,), generator=generator)
-        z[rows, concepts] = 0.05 + 0.25 * torch.rand(100, generator=generator)
-        dense[name] = z
-    for concept, value, places in PLANTS:
-        for model, image, row, col in places:
-            dense[model][image * T + row * GRID + col, concept] = value
-    # fp16 rounding happens in the sparse form: keep the dense reference identical to it
-    return {n: to_sparse(z).dense() for n, z in dense.items()}
-
-
-@pytest.fixture(scope="module")
-def dense():
-    return planted_dense()
-
-
-@pytest.fixture(scope="module")
-def codes(dense):
-    return {n: to_sparse(z) for n, z in dense.items()}
-
-
-def photo(i: int, size=(300, 200)) -> Image.Image:
-    rng = np.random.default_rng(i)
-    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-
-
-@pytest.fixture(scope="module")
-def photos():
-    return [photo(i) for i in range(N_IMAGES)]
-
-
-@pytest.fixture
-def explorer(codes, photos):
-    return ex.ConceptExplorer(codes, photos, analysis.concept_statistics(codes), top_n=3)
-
-
-# ---- heatmaps and overlays -------------------------------------------------------------------
-
-
-def test_heatmap_peaks_at_the_planted_position_and_upsampling_keeps_it(codes):
-    maps = ex.concept_heatmaps(codes["b"], [1, 4, 0], 2, grid=GRID)
-    assert maps.shape == (3, GRID, GRID) and maps.dtype == np.float32
-    assert np.unravel_index(maps[0].argmax(), maps[0].shape) == (3, 5)
-    assert np.unravel_index(maps[1].argmax(), maps[1].shape) == (10, 2)
-    assert maps[0, 3, 5] == 4.0 and np.count_nonzero(maps[:2]) == 2 and not maps[2].any()
-    big = ex.upsample_heatmap(maps[0], 224)
-    assert big.shape == (224, 224) and big.min() == 0.0 and big.max() == pytest.approx(1.0)
-    row, col = np.unravel_index(big.argmax(), big.shape)
-    assert 3 * 16 <= row < 4 * 16 and 5 * 16 <= col < 6 * 16  # the planted 16 px cell
-    batch = ex.upsample_heatmap(maps, 112)
-    assert batch.shape == (3, 112, 112) and not batch[2].any()  # a blank map stays blank
-
-
-def test_heatmaps_of_subsampled_tokens_place_kept_positions_and_leave_others_at_zero():
-    rng = np.random.default_rng(0)
-    kept = 40
-    positions = np.stack([np.sort(rng.choice(T, kept, replace=False)) for _ in range(3)])
-    full = torch.rand(3 * T, N_CONCEPTS)  # values on every grid position...
-    rows = (np.arange(3)[:, None] * T + positions).reshape(-1)
-    codes = to_sparse(full[torch.from_numpy(rows)])  # ...but the cache keeps 40 per image
-    maps = ex.concept_heatmaps(codes, [2, 0], 6, grid=GRID, positions=positions)
-    expected = np.zeros((3, T), dtype=np.float32)
-    dense = codes.dense().view(3, kept, N_CONCEPTS)[:, :, 6].numpy()
-    np.put_along_axis(expected, positions, dense, axis=1)
-    np.testing.assert_array_equal(maps, expected.reshape(3, GRID, GRID)[[2, 0]])
-
-
-def test_overlay_shape_range_and_zero_heat_leaves_the_image_unchanged():
-    image = photo(3, size=(320, 180))  # not square: squashed as the models see it
-    plain = ex.overlay(image, np.zeros((GRID, GRID)))
-    assert plain.shape == (224, 224, 3) and plain.dtype == np.uint8
-    np.testing.assert_array_equal(plain, ex.squash(image, 224))
-    heat = np.zeros((GRID, GRID))
-    heat[3, 5] = 1.0
-    hot = ex.overlay(image, heat, size=224)
-    assert hot.dtype == np.uint8 and 0 <= hot.min() and hot.max() <= 255
-    yellow = np.array(matplotlib.colormaps["viridis"](1.0)[:3]) * 255
-    peak = np.unravel_index(ex.upsample_heatmap(heat).argmax(), (224, 224))
-    np.testing.assert_allclose(hot[peak], yellow, atol=1)  # full heat: opaque top colour
-    changed = np.abs(hot.astype(int) - plain.astype(int)).sum(axis=2)
-    assert changed[48:64, 80:96].mean() > 5 * changed[150:, 150:].mean()
-
-
-def test_shared_scale_keeps_weak_maps_weak_and_numbers_never_print_minus_zero():
-    strong, weak = np.zeros((GRID, GRID)), np.zeros((GRID, GRID))
-    strong[3, 5], weak[3, 5] = 4.0, 1.0
-    scaled = ex.scale_heatmap(np.stack([strong, weak]), 4.0, 112)
-    assert 0.9 < scaled[0].max() <= 1.0  # bicubic peaks near, not always on, the cell value
-    assert scaled[1].max() == pytest.approx(scaled[0].max() / 4, rel=1e-5)  # a quarter as hot
-    assert ex.upsample_heatmap(weak, 112).max() == pytest.approx(1.0)  # min-max: as hot
-    assert not ex.scale_heatmap(weak, 0.0, 56).any()
-    r2 = np.full((GRID, GRID), 0.5)
-    r2[0, 0] = np.nan
-    picture = hm.colour_map(r2, 0.0, 1.0, size=56)
-    assert picture.shape == (56, 56, 3) and (picture[0, 0] == 128).all()
-    assert hm.fixed(-1e-9) == "0.00" and hm.fixed(-0.0) == "0.00" and hm.fixed(-0.5) == "-0.50"
-    assert hm.number(-1e-12) == "0" and hm.number(0.012345) == "0.0123"
-    bar = hm.colorbar_html(0, 4.0, label="code")
-    assert "linear-gradient" in bar and ">4<" in bar and ">0<" in bar
-
+from conftest import NAMES, N_CONCEPTS, N_IMAGES, T, photo, small_usae, to_sparse
 
 # ---- pure explorer logic ---------------------------------------------------------------------
 
@@ -252,118 +128,6 @@ def test_static_view_returns_the_default_concepts_figure(explorer):
     assert len(explorer.static_view(7, show_table=True).axes) == 3  # no IPython: no table
 
 
-# ---- widgets -----------------------------------------------------------------------------------
-
-
-def rendered(explorer) -> str:
-    """Every HTML string the three tabs show now."""
-    c = explorer.controls
-    texts = [c.header.value, c.histograms.value, c.status.value, c.image_header.value,
-             c.image_heatmaps.value, c.translation.value]
-    texts += [r.value for r in c.rows.children]
-    texts += [b.description for b in c.nearest.children if hasattr(b, "description")]
-    texts += [b.description for row in c.image_concepts.children
-              for b in getattr(row, "children", ()) if hasattr(b, "description")]
-    return "".join(texts)
-
-
-def test_widget_concept_tab_draws_one_row_per_model_on_a_shared_scale(explorer):
-    pytest.importorskip("ipywidgets")
-    tabs = explorer.widget(image_px=160)
-    c = explorer.controls
-    assert len(tabs.children) == 3 and c.concept.value == 2 and c.rank.value == 0
-    assert c.concept.options[0][0].startswith("2 · rank 0 · energy")  # typing "2" finds it
-    assert len(c.rows.children) == len(NAMES)
-    for name, row in zip(NAMES, c.rows.children):
-        shown = len(explorer.top_images(2)[name][0])
-        assert row.value.count("<img") == 2 * shown == 4  # raw image beside its overlay
-        assert 'width="160"' in row.value
-    assert "usae-colorbar" in c.header.value and ">4<" in c.header.value  # scale 0..4
-    assert c.histograms.value.count("<svg") == len(NAMES)
-    assert "-0.00" not in rendered(explorer)
-
-
-def test_widget_model_where_the_concept_never_fires_says_so(explorer):
-    pytest.importorskip("ipywidgets")
-    explorer.widget()
-    c = explorer.controls
-    c.concept.value = 5  # fires in model a only
-    notes = ["never fires" in r.value for r in c.rows.children]
-    assert notes == [False, True, True]
-    assert c.rows.children[1].value.count("<img") == 0
-    assert c.rows.children[0].value.count("<img") == 2
-    text = rendered(explorer)
-    assert "-0.00" not in text and "-0" not in text.replace("-0.", "")  # entropy 0, not -0.00
-
-
-def test_widget_sort_change_re_ranks_and_draws_the_new_top_concept(explorer):
-    pytest.importorskip("ipywidgets")
-    explorer.widget()
-    c = explorer.controls
-    c.concept.value = 7
-    assert c.rank.value == explorer.concept_order().tolist().index(7)
-    c.rank.value = 2
-    assert c.concept.value == explorer.concept_order()[2]
-    for key in [*list(ex.SORT_KEYS)[1:], "energy"]:  # each a change from the last
-        before = c.rows.children
-        c.sort.value = key
-        top = int(explorer.concept_order(key)[0])
-        assert c.concept.value == top and c.rank.value == 0
-        assert [v for _, v in c.concept.options] == explorer.concept_order(key).tolist()
-        assert c.rows.children is not before  # redrawn
-        assert f"concept {top}" in c.header.value
-    c.sort.value = "model-unique (low entropy)"
-    assert c.concept.value == 5 and "concept 5" in c.header.value
-    c.count.value = 1
-    assert all(len(v[0]) <= 1 for v in explorer.top_images(5).values())
-    assert c.rows.children[0].value.count("<img") == 2
-
-
-def test_widget_id_search_selects_and_bad_ids_say_why(explorer):
-    pytest.importorskip("ipywidgets")
-    explorer.widget()
-    c = explorer.controls
-    c.search.value = "7"
-    assert c.concept.value == 7 and "concept 7" in c.header.value and c.status.value == ""
-    for text, reason in (("abc", "not a concept id"), ("99", "does not exist"),
-                         ("3", "never fires")):
-        c.search.value = text
-        assert reason in c.status.value and c.concept.value == 7
-    with pytest.raises(ValueError, match="0..15"):
-        explorer.find_concept("-1")
-    assert explorer.find_concept(" #5 ") == 5
-
-
-def test_widget_nearest_buttons_and_image_tab_concepts_open_the_concept(explorer):
-    pytest.importorskip("ipywidgets")
-    tabs = explorer.widget()
-    c = explorer.controls
-    c.concept.value = 7
-    first = explorer.nearest(7)[0].concept
-    c.nearest.children[0].click()
-    assert c.concept.value == first
-    c.image_search.value = "#1"
-    assert c.image_list.options[0] == ("#1", 1) and c.thumbnails.children
-    c.thumbnails.children[0].children[1].click()  # the thumbnail's button picks the image
-    assert c.image.value == 1
-    assert c.image_header.value.count("<img") == 1
-    row_a = c.image_concepts.children[1]  # legend first, then one row per model
-    assert [b.description.split(" · ")[0] for b in row_a.children[1:3]] == ["2", "7"]
-    tabs.selected_index = 1
-    row_a.children[2].click()  # concept 7's button
-    assert c.concept.value == 7 and tabs.selected_index == 0
-    assert "concept 7" in c.header.value
-    # the image's concepts as heatmaps on it: one overlay per model per drawn concept
-    assert c.image_heatmaps.value.count("<b>concept ") >= 2
-    assert c.image_heatmaps.value.count("<img") == len(NAMES) * \
-        c.image_heatmaps.value.count("<b>concept ")
-    c.image_search.value = ""  # every image listed again
-    c.image_list.value = 4
-    assert c.image.value == 4 and "#4" in c.image_header.value
-    assert "needs the USAE" in c.translation.value  # no model given
-    assert "-0.00" not in rendered(explorer)
-
-
 # ---- histograms, nearest concepts, translation ---------------------------------------------------
 
 
@@ -424,14 +188,6 @@ def test_nearest_by_dictionary_cosine_averages_the_models(explorer):
         explorer.nearest(4, "dictionary cosine")
 
 
-def small_usae():
-    model = core.USAE({"a": 8, "b": 6, "c": 5}, n_concepts=N_CONCEPTS, k=4, seed=0)
-    generator = torch.Generator().manual_seed(3)
-    sample = {n: torch.randn(64, d, generator=generator) * 2 + 1 for n, d in model.dims.items()}
-    model.fit_standardization(sample, centre_channels=True)
-    return model
-
-
 def test_translation_r2_equals_a_direct_computation():
     model = small_usae()
     generator = torch.Generator().manual_seed(4)
@@ -453,32 +209,6 @@ def test_translation_r2_equals_a_direct_computation():
     assert own.r2.shape == (T,) and np.isfinite(own.r2).all()
     with pytest.raises(ValueError, match="same tokens"):
         ex.translation_r2(model, "a", "b", a[:5], b)
-
-
-def test_widget_translation_tab_maps_per_patch_r2(codes, photos):
-    pytest.importorskip("ipywidgets")
-    model = small_usae()
-    rng = np.random.default_rng(5)
-    acts = {n: rng.normal(size=(N_IMAGES * T, d)).astype(np.float32)
-            for n, d in model.dims.items()}
-    explorer = ex.ConceptExplorer(
-        codes, photos, analysis.concept_statistics(codes), top_n=2, model=model,
-        activations=lambda i: {n: v[i * T:(i + 1) * T] for n, v in acts.items()})
-    grid, result = explorer.translation_map(3, "c", "a")
-    direct = ex.translation_r2(model, "c", "a", acts["c"][3 * T:4 * T], acts["a"][3 * T:4 * T])
-    np.testing.assert_allclose(grid.reshape(-1), direct.r2)
-    explorer.widget()
-    c = explorer.controls
-    c.image.value = 3
-    c.source.value, c.target.value = "c", "a"
-    text = c.translation.value
-    assert f"image R² <b>{ex._fixed(result.image_r2)}</b>" in text
-    assert text.count("<img") == 2 and "usae-colorbar" in text and "-0.00" not in text
-    assert "dictionary cosine" in c.nearest_by.options
-    c.nearest_by.value = "dictionary cosine"
-    assert len(c.nearest.children) == 8
-    with pytest.raises(ValueError, match="unknown model"):
-        explorer.translation_map(0, "a", "z")
 
 
 def test_image_search_by_label_and_index():
