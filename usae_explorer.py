@@ -186,7 +186,8 @@ class Translation(NamedTuple):
     r2 : ndarray
         Per-token R² of B's reconstruction (see :func:`translation_r2`).
     image_r2 : float
-        The same ratio over all the image's tokens: ``1 - sum ||b - b_hat||² / sum ||b - b_mean||²``.
+        The same ratio over all the image's tokens:
+        ``1 - sum ||b - b_hat||² / sum ||b - b_mean||²``.
     """
 
     r2: np.ndarray

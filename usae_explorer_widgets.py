@@ -151,8 +151,10 @@ def image_heatmaps_html(explorer: ex.ConceptExplorer, image: int, concepts: list
     for concept in concepts:
         maps = {name: explorer.heatmaps(concept, name, [image])[0] for name in explorer.names}
         vmax = max(float(m.max()) for m in maps.values())
+        tags = {name: hm.image_tag(hm.overlay(pictures.array(image), m, pictures.size, vmax=vmax),
+                                   width=image_px, title=name) for name, m in maps.items()}
         cells = "".join(
-            f'<figure style="margin:0">{hm.image_tag(hm.overlay(pictures.array(image), m, pictures.size, vmax=vmax), width=image_px, title=name)}'  # noqa: E501
+            f'<figure style="margin:0">{tags[name]}'
             f'<figcaption style="{TEXT}">{html.escape(name)} · max {number(m.max())}'
             '</figcaption></figure>' for name, m in maps.items())
         bar = hm.colorbar_html(0.0, vmax, width=120) if vmax > 0 else ""
