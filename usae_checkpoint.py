@@ -244,12 +244,15 @@ def _resume(trainer: core.Trainer, path: Path) -> None:
                               f"{trainer.total_steps}.")
 
 
-def _checked_stream(model: core.USAE, batches: Iterable, start: int) -> Iterator:
-    """The batches from global step ``start``, each checked before the loop sees it."""
+def _stream_from(batches: Iterable, start: int) -> Iterator:
+    """The batches from global step ``start`` on."""
     if hasattr(batches, "iter_from"):  # a loader that can seek without reading skipped data
-        stream = batches.iter_from(start)
-    else:
-        stream = itertools.islice(core._epochs(batches), start, None)
+        return batches.iter_from(start)
+    return itertools.islice(core._epochs(batches), start, None)
+
+
+def _checked(model: core.USAE, stream: Iterator, start: int) -> Iterator:
+    """``stream`` (global steps ``start``, ...), each batch checked before the loop sees it."""
     for step, batch in enumerate(stream, start):
         checks.check_batch(model, batch, step)
         yield batch
@@ -277,8 +280,9 @@ def train(model: core.USAE, batches: Iterable[Mapping[str, Tensor]], steps: int,
         Continue from ``checkpoint_path`` when it exists (False: start afresh, overwrite it).
     loop : callable
         ``loop(model, batches, steps, trainer=..., on_step=...)`` runs the steps:
-        :func:`usae_core.train`, or ``usae_distributed.train`` on every rank of a torchrun job
-        (every rank resumes from the checkpoint; rank 0 writes it).
+        :func:`usae_core.train` (its batches are checked here first), or
+        ``usae_distributed.train`` on every rank of a torchrun job, which checks every global
+        batch itself (every rank resumes from the checkpoint; rank 0 writes it).
     """
     trainer = core.Trainer(model, checks.train_config(steps, seed, **options), steps, seed)
     if checkpoint_path is not None and not isinstance(checkpoint_path, (str, os.PathLike)):
@@ -304,7 +308,9 @@ def train(model: core.USAE, batches: Iterable[Mapping[str, Tensor]], steps: int,
             if writes and checkpoint_every and trainer.step_count % checkpoint_every == 0:
                 _write(model, path, trainer)
 
-        stream = _checked_stream(model, batches, trainer.step_count)
+        stream = _stream_from(batches, trainer.step_count)
+        if loop is core.train:  # it trusts its batches; other loops are entry points that check
+            stream = _checked(model, stream, trainer.step_count)
         try:
             result = loop(model, stream, steps, trainer=trainer, on_step=after_step)
         except (ValueError, TypeError):
