@@ -82,9 +82,11 @@ class Hits(NamedTuple):
 
 
 def concept_hits(codes: analysis.SparseCodes, concept: int) -> Hits:
-    """The rows of ``codes`` that selected ``concept`` and its value on each: one pass."""
-    token, slot = torch.nonzero(codes.indices == concept, as_tuple=True)
-    return Hits(token.numpy(), codes.values[token, slot].float().numpy())
+    """The rows of ``codes`` that selected ``concept`` and its value on each: one pass, in
+    numpy (a quarter of ``torch.nonzero``'s time on the default run's codes)."""
+    k = codes.indices.shape[1]
+    flat = np.flatnonzero(codes.indices.numpy().reshape(-1) == concept)  # row-major order
+    return Hits(flat // k, codes.values.numpy().reshape(-1)[flat].astype(np.float32))
 
 
 class Histograms(NamedTuple):
@@ -435,7 +437,7 @@ class ConceptExplorer:
     def top_images(self, concept: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Model -> (image indices, their mean code), best first; computed once per concept.
 
-        Up to ``top_n`` images, ranked by :func:`usae_analysis.top_images`; images where the
+        Up to ``top_n`` images, ranked by :meth:`ranked_images`; images where the
         concept never appears are left out rather than padded in, so a rare concept shows
         fewer panels instead of arbitrary images. With ``shared_ranking`` the images are the
         same for every model (ranked by the mean over models) and scores are per model.
@@ -444,15 +446,23 @@ class ConceptExplorer:
             groups = [self.names] if self.shared_ranking else [[n] for n in self.names]
             self._top[concept] = {}
             for group in groups:
-                chosen = analysis.top_images([self.codes[n] for n in group],
-                                             self.tokens_per_image, [concept], self.top_n)
-                chosen = chosen[0].numpy()
+                chosen = self.ranked_images(concept, group)[:self.top_n]
                 # A heatmap's mean is the ranking score; exact in float64 (fp16 summands).
                 scores = {n: self.heatmaps(concept, n, chosen).sum(axis=(1, 2), dtype=np.float64)
                           / self.tokens_per_image for n in group}
                 shown = np.mean(list(scores.values()), axis=0) > 0
                 self._top[concept].update({n: (chosen[shown], scores[n][shown]) for n in group})
         return self._top[concept]
+
+    def ranked_images(self, concept: int, group: Sequence[str]) -> np.ndarray:
+        """Every image, highest first, ties by lower index: :func:`usae_analysis.top_images`'
+        ranking and arithmetic, from the concept's :meth:`hits` (no second pass over codes)."""
+        means = []
+        for found in (self.hits(concept)[name] for name in group):
+            sums = np.bincount(found.rows // self.tokens_per_image,
+                               found.values.astype(np.float64), minlength=self.n_images)
+            means.append((sums / self.tokens_per_image).astype(np.float32))
+        return np.argsort(-(sum(means) / len(means)), kind="stable")
 
     def set_top_n(self, count: int) -> None:
         """Show ``count`` images per model from now on (cached top lists are dropped)."""

@@ -17,11 +17,14 @@ count and tests read the HTML without a browser. Imports ``usae_explorer`` and
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import html
 import io
 from types import SimpleNamespace
 
 import numpy as np
+import torch
 from PIL import Image
 
 import usae_explorer as ex
@@ -30,6 +33,29 @@ from usae_heatmaps import fixed, number
 
 TEXT = "font-size:13px;line-height:1.35"
 SHARE_COLOURS = {hm.SHARED_ALL: "#ffbb78", hm.SHARED_SOME: "#98df8a", hm.UNSHARED: "#dddddd"}
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread while a view updates, then as it was. The updates' tensors are small
+    (one image's tokens, a few heatmaps), and on a busy CPU every parallel op waits for a second
+    thread to be scheduled: profiled on the default run (2 cores, shared), one image's
+    translation took 200 ms on two threads and 8 ms on one, a 196-token encode 115 and 4 ms."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def on_one_thread(action):
+    """``action`` run under :func:`one_thread` (a widget callback)."""
+    @functools.wraps(action)
+    def run(*args, **kwargs):
+        with one_thread():
+            return action(*args, **kwargs)
+    return run
 
 
 class Pictures:
@@ -87,6 +113,12 @@ def concept_rows_html(explorer: ex.ConceptExplorer, concept: int, pictures: Pict
                       image_px: int, vmax: float, maps: dict) -> dict[str, str]:
     """Model -> one row: its statistics, then each top image raw beside its overlay, with
     label, mean and max code; a model where the concept never shows says so."""
+    shown = {name: [int(i) for i in chosen] for name, (chosen, _) in
+             explorer.top_images(concept).items()}
+    names = list(shown)  # every model's overlays in one batch, then split by model
+    batch = hm.overlays([pictures.array(i) for n in names for i in shown[n]],
+                        np.concatenate([maps[n] for n in names]), pictures.size, vmax=vmax)
+    mixed = dict(zip(names, np.split(batch, np.cumsum([len(shown[n]) for n in names])[:-1])))
     rows = {}
     for row in explorer.concept_info(concept)["models"]:
         name = row["model"]
@@ -102,13 +134,11 @@ def concept_rows_html(explorer: ex.ConceptExplorer, concept: int, pictures: Pict
                           f'{explorer.n_images:,} images.</div></div>')
             continue
         cells = []
-        for image, score, heat in zip(chosen, scores, maps[name]):
-            image = int(image)
-            mixed = hm.overlay(pictures.array(image), heat, pictures.size, vmax=vmax)
+        for image, score, heat, picture in zip(shown[name], scores, maps[name], mixed[name]):
             cells.append(
                 '<figure style="margin:0">'
                 f'<div style="display:flex;gap:2px">{pictures.tag(image, image_px)}'
-                f'{hm.image_tag(mixed, width=image_px, title=f"concept {concept} on #{image}")}'
+                f'{hm.image_tag(picture, width=image_px, title=f"concept {concept} on #{image}")}'
                 f'</div><figcaption style="{TEXT};max-width:{2 * image_px}px">'
                 f'{html.escape(explorer.image_label(image))} · mean {fixed(score, 3)} · max '
                 f'{number(heat.max())}</figcaption></figure>')
@@ -147,12 +177,17 @@ def image_heatmaps_html(explorer: ex.ConceptExplorer, image: int, concepts: list
                         pictures: Pictures, image_px: int) -> str:
     """One row per concept: its heatmap on ``image`` in every model, on one scale per concept
     (its largest code on this image over the models), with that scale's colour bar."""
-    rows = []
+    rows, names = [], explorer.names
+    found = {c: {n: explorer.heatmaps(c, n, [image])[0] for n in names} for c in concepts}
+    scales = {c: max(float(m.max()) for m in found[c].values()) for c in concepts}
+    pairs = [(c, n) for c in concepts for n in names]  # one batch, each on its concept's scale
+    batch = iter(hm.overlays([pictures.array(image)] * len(pairs),
+                             np.array([found[c][n] for c, n in pairs]).reshape(
+                                 -1, explorer.grid, explorer.grid),
+                             pictures.size, vmax=[scales[c] for c, _ in pairs]))
     for concept in concepts:
-        maps = {name: explorer.heatmaps(concept, name, [image])[0] for name in explorer.names}
-        vmax = max(float(m.max()) for m in maps.values())
-        tags = {name: hm.image_tag(hm.overlay(pictures.array(image), m, pictures.size, vmax=vmax),
-                                   width=image_px, title=name) for name, m in maps.items()}
+        maps, vmax = found[concept], scales[concept]
+        tags = {name: hm.image_tag(next(batch), width=image_px, title=name) for name in names}
         cells = "".join(
             f'<figure style="margin:0">{tags[name]}'
             f'<figcaption style="{TEXT}">{html.escape(name)} · max {number(m.max())}'
@@ -218,6 +253,7 @@ class ExplorerWidget:
         self.pictures = Pictures(explorer, 224)
         self.order = explorer.concept_order("energy")
         self._syncing, self.shown = False, None
+        self._pools: dict[tuple, list] = {}  # buttons and rows made once, reused (_buttons)
         narrow = {"width": "auto"}
         c = SimpleNamespace(
             sort=w.Dropdown(options=list(ex.SORT_KEYS), value="energy", description="sort by"),
@@ -250,17 +286,16 @@ class ExplorerWidget:
                                  c.nearest, c.rows])
         c.image_view = w.VBox([c.image_header, c.image_concepts, c.image_heatmaps])
         self.controls = c
-        c.sort.observe(self._on_sort, names="value")
-        c.search.observe(self._on_search, names="value")
-        c.concept.observe(lambda change: self.select(change["new"]), names="value")
-        c.rank.observe(lambda change: self.select(int(self.order[change["new"]])), names="value")
-        c.count.observe(self._on_count, names="value")
-        c.nearest_by.observe(lambda _: self.render_nearest(), names="value")
-        c.image_search.observe(lambda _: self.filter_images(), names="value")
-        c.image_list.observe(self._on_pick, names="value")
-        c.image.observe(lambda _: self.render_image(), names="value")
-        for control in (c.source, c.target):
-            control.observe(lambda _: self.render_translation(), names="value")
+        for control, action in (  # every update with torch on one thread (one_thread)
+                (c.sort, self._on_sort), (c.search, self._on_search),
+                (c.concept, lambda change: self.select(change["new"])),
+                (c.rank, lambda change: self.select(int(self.order[change["new"]]))),
+                (c.count, self._on_count), (c.nearest_by, lambda _: self.render_nearest()),
+                (c.image_search, lambda _: self.filter_images()), (c.image_list, self._on_pick),
+                (c.image, lambda _: self.render_image()),
+                (c.source, lambda _: self.render_translation()),
+                (c.target, lambda _: self.render_translation())):
+            control.observe(on_one_thread(action), names="value")
         self.tabs = w.Tab(children=[
             w.VBox([w.HBox([c.sort, c.concept]), w.HBox([c.search, c.status]),
                     w.HBox([c.rank, c.count]), c.nearest_by, c.concept_view]),
@@ -268,9 +303,10 @@ class ExplorerWidget:
                     c.image_view]),
             w.VBox([w.HBox([c.source, c.target], layout=narrow), c.translation])],
             titles=("concept", "image", "translation"))
-        self.render_concept()
-        self.filter_images()
-        self.render_image()
+        with one_thread():
+            self.render_concept()
+            self.filter_images()
+            self.render_image()
 
     # -- concept tab -------------------------------------------------------------------------
     def select(self, concept: int | None, *, redraw: bool = False) -> None:
@@ -327,15 +363,23 @@ class ExplorerWidget:
     def render_nearest(self) -> None:
         found = self.x.nearest(self.controls.concept.value, self.controls.nearest_by.value,
                                self.n_nearest)
-        buttons = []
-        for near in found:
-            button = self.w.Button(description=f"{near.concept} · {fixed(near.score)}",
-                                   tooltip=f"concept {near.concept}: score {fixed(near.score, 3)}"
-                                   f", fire together on {near.together:,} tokens",
-                                   layout={"width": "auto"})
-            button.on_click(lambda _, concept=near.concept: self.open_concept(concept))
-            buttons.append(button)
+        buttons = self._buttons(("nearest",), len(found))
+        for button, near in zip(buttons, found):
+            button.concept, button.description = near.concept, f"{near.concept} · " \
+                f"{fixed(near.score)}"
+            button.tooltip = (f"concept {near.concept}: score {fixed(near.score, 3)}, fire "
+                              f"together on {near.together:,} tokens")
         self.controls.nearest.children = buttons or [self.w.HTML("<i>none</i>")]
+
+    def _buttons(self, pool: tuple, count: int) -> list:
+        """``count`` buttons of ``pool``, made once and then reused (each new widget costs
+        milliseconds here and a message to the browser); a click opens ``button.concept``."""
+        buttons = self._pools.setdefault(pool, [])
+        while len(buttons) < count:
+            button = self.w.Button(layout={"width": "auto"})
+            button.on_click(on_one_thread(lambda button: self.open_concept(button.concept)))
+            buttons.append(button)
+        return buttons[:count]
 
     def open_concept(self, concept: int) -> None:
         """Show ``concept`` in the concept tab (from a nearest or an image-tab button)."""
@@ -359,7 +403,7 @@ class ExplorerWidget:
         cards = []
         for i in found[:self.n_thumbnails]:
             button = self.w.Button(description=f"#{int(i)}", layout={"width": "76px"})
-            button.on_click(lambda _, image=int(i): self.pick(image))
+            button.on_click(on_one_thread(lambda _, image=int(i): self.pick(image)))
             cards.append(self.w.VBox([self.w.Image(value=self.pictures.thumbnail(int(i)),
                                                    format="jpeg", width=72, height=72), button]))
         self.controls.thumbnails.children = cards or [self.w.HTML("<i>no image matches</i>")]
@@ -377,25 +421,26 @@ class ExplorerWidget:
         self.controls.image_header.value = (
             f'<div style="{TEXT};font-size:14px"><b>{html.escape(self.x.image_label(image))}</b>'
             f'</div>{self.pictures.tag(image, self.image_px)}')
-        rows = []
-        for name, pairs in found.per_model.items():
-            buttons = []
-            for concept, mean in pairs:
+        if ("rows",) not in self._pools:  # the legend, then a row per model: made once
+            self._pools["rows",] = [self.w.HTML(
+                f'<div style="{TEXT}">concept · mean code on this image; colour: '
+                '<span style="background:#ffbb78">fires in all models</span> '
+                '<span style="background:#98df8a">in some</span> '
+                '<span style="background:#dddddd">this model only</span></div>')] + [
+                self.w.HBox([self.w.HTML(f"<b>{html.escape(name)}</b>",
+                                         layout={"width": "180px"})],
+                            layout={"flex_flow": "row wrap"}) for name in found.per_model]
+        rows = self._pools["rows",]
+        for row, (name, pairs) in zip(rows[1:], found.per_model.items()):
+            buttons = self._buttons(("image", name), len(pairs))
+            for button, (concept, mean) in zip(buttons, pairs):
                 share = (hm.SHARED_ALL if len(found.shared.get(concept, ())) == found.n_models
                          else hm.SHARED_SOME if concept in found.shared else hm.UNSHARED)
-                button = self.w.Button(description=f"{concept} · {fixed(mean, 3)}",
-                                       tooltip=f"open concept {concept}", layout={"width": "auto"})
+                button.concept, button.description = concept, f"{concept} · {fixed(mean, 3)}"
+                button.tooltip = f"open concept {concept}"
                 button.style.button_color = SHARE_COLOURS[share]
-                button.on_click(lambda _, concept=concept: self.open_concept(concept))
-                buttons.append(button)
-            rows.append(self.w.HBox([self.w.HTML(f"<b>{html.escape(name)}</b>",
-                                                 layout={"width": "180px"}), *buttons],
-                                    layout={"flex_flow": "row wrap"}))
-        legend = self.w.HTML(f'<div style="{TEXT}">concept · mean code on this image; colour: '
-                             '<span style="background:#ffbb78">fires in all models</span> '
-                             '<span style="background:#98df8a">in some</span> '
-                             '<span style="background:#dddddd">this model only</span></div>')
-        self.controls.image_concepts.children = [legend, *rows]
+            row.children = [row.children[0], *buttons]
+        self.controls.image_concepts.children = rows
         heat = list(dict.fromkeys(c for pairs in found.per_model.values()
                                   for c, _ in pairs[:self.heat_concepts]))
         self.controls.image_heatmaps.value = image_heatmaps_html(self.x, image, heat,

@@ -91,6 +91,14 @@ def concept_heatmaps(codes: analysis.SparseCodes, images: Sequence[int], concept
     return maps.reshape(len(images), grid, grid)
 
 
+def _bicubic(heatmap: np.ndarray, size: int) -> np.ndarray:
+    """``n x size x size`` float32: each ``h x w`` map (or the one map) upsampled bicubically,
+    torch's kernel; the rest is numpy (small tensors pay torch's per-op overhead)."""
+    heat = torch.as_tensor(np.asarray(heatmap, dtype=np.float32))
+    heat = heat.reshape(-1, 1, *heat.shape[-2:])
+    return F.interpolate(heat, size=(size, size), mode="bicubic", align_corners=False)[:, 0].numpy()
+
+
 def upsample_heatmap(heatmap: np.ndarray, size: int = 224) -> np.ndarray:
     """Bicubic upsampling to ``size x size`` then min-max normalisation to [0, 1].
 
@@ -98,11 +106,8 @@ def upsample_heatmap(heatmap: np.ndarray, size: int = 224) -> np.ndarray:
     released code's ``cv2.INTER_CUBIC``. As there, cubic overshoot is kept and absorbed by the
     min-max step; a constant map becomes all zeros. Accepts ``h x w`` or ``n x h x w``.
     """
-    heat = torch.as_tensor(np.asarray(heatmap, dtype=np.float32))
-    single = heat.ndim == 2
-    heat = heat.reshape(-1, 1, *heat.shape[-2:])
-    heat = F.interpolate(heat, size=(size, size), mode="bicubic", align_corners=False)[:, 0]
-    heat = heat.numpy()  # the rest in numpy: small tensors pay torch's per-op overhead
+    single = np.ndim(heatmap) == 2
+    heat = _bicubic(heatmap, size)
     low = heat.min(axis=(1, 2), keepdims=True)
     span = heat.max(axis=(1, 2), keepdims=True) - low
     heat = np.divide(heat - low, span, out=np.zeros_like(heat), where=span > 0)
@@ -117,11 +122,8 @@ def scale_heatmap(heatmap: np.ndarray, vmax: float, size: int = 224) -> np.ndarr
     concept firing weakly in one model looks weak there. Cubic overshoot is clipped, not
     stretched. ``vmax <= 0`` (nothing fires) gives all zeros. Accepts ``h x w`` or ``n x h x w``.
     """
-    heat = torch.as_tensor(np.asarray(heatmap, dtype=np.float32))
-    single = heat.ndim == 2
-    heat = heat.reshape(-1, 1, *heat.shape[-2:])
-    heat = F.interpolate(heat, size=(size, size), mode="bicubic", align_corners=False)[:, 0]
-    heat = heat.numpy()
+    single = np.ndim(heatmap) == 2
+    heat = _bicubic(heatmap, size)
     heat = np.clip(heat / vmax, 0.0, 1.0) if vmax > 0 else np.zeros_like(heat)
     return heat[0] if single else heat
 
@@ -152,6 +154,42 @@ def overlay(image: Image.Image | np.ndarray, heatmap: np.ndarray, size: int = 22
     opacity = alpha * heat[..., None]
     mixed = base * (1 - opacity) + colours * opacity
     return np.clip(np.rint(mixed * 255), 0, 255).astype(np.uint8)
+
+
+def overlays(pictures: Sequence[np.ndarray], heatmaps: np.ndarray, size: int = 224, *,
+             alpha: float = 1.0, cmap: str = "viridis", vmax=None) -> np.ndarray:
+    """:func:`overlay` of each squashed picture with its heatmap at once, ``n x size x size x
+    3`` uint8, the same pixels: one bicubic pass for the batch and the colour map read from
+    its table (``cmap``'s own lookup, without matplotlib's per-call checks). ``vmax``: None
+    (per-map min-max), one shared scale, or one scale per map."""
+    base = np.stack(pictures) if len(pictures) else np.zeros((0, size, size, 3), np.uint8)
+    assert base.shape == (len(heatmaps), size, size, 3) and base.dtype == np.uint8, base.shape
+    if vmax is None:
+        heat = upsample_heatmap(heatmaps, size).reshape(len(base), size, size)
+    else:  # scale_heatmap's arithmetic, map by map: float32 division by the map's scale
+        heat = _bicubic(heatmaps, size) if len(base) else np.zeros((0, size, size), np.float32)
+        for i, scale in enumerate(np.broadcast_to(np.asarray(vmax, dtype=np.float32),
+                                                  (len(base),))):
+            heat[i] = np.clip(heat[i] / scale, 0.0, 1.0) if scale > 0 else 0.0
+    # overlay's arithmetic, in place: float32 image and opacity, float64 colours
+    table = _colour_table(cmap)  # heat in [0, 1]: Colormap's index is min(heat * N, N - 1)
+    mixed = table.take(np.minimum(heat * len(table), len(table) - 1).astype(np.intp), axis=0)
+    opacity = alpha * heat[..., None]
+    mixed *= opacity
+    kept = base.astype(np.float32)
+    kept /= 255
+    kept *= 1 - opacity
+    mixed += kept
+    mixed *= 255
+    return np.clip(np.rint(mixed, out=mixed), 0, 255, out=mixed).astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=8)
+def _colour_table(cmap: str) -> np.ndarray:
+    """``N x 3`` float64 colours of ``cmap`` (an integer index reads the table)."""
+    table = matplotlib.colormaps[cmap](np.arange(matplotlib.colormaps[cmap].N))[:, :3]
+    table.setflags(write=False)  # shared by every call
+    return table
 
 
 def colour_map(values: np.ndarray, vmin: float, vmax: float, *, cmap: str = "viridis",
@@ -367,13 +405,19 @@ def fixed(value: float, decimals: int = 2) -> str:
     return text.lstrip("-") if float(text) == 0 else text
 
 
+@functools.lru_cache(maxsize=8)
+def _gradient(cmap: str) -> str:
+    """``cmap`` as CSS gradient stops, every tenth (the same for every bar: built once)."""
+    return ", ".join("rgb({},{},{}) {}%".format(
+        *(int(255 * v) for v in matplotlib.colormaps[cmap](t)[:3]), int(round(100 * t)))
+        for t in np.linspace(0, 1, 11))
+
+
 def colorbar_html(vmin: float, vmax: float, *, cmap: str = "viridis", label: str = "",
                   low_text: str | None = None, high_text: str | None = None,
                   width: int = 220) -> str:
     """A horizontal colour bar (a CSS gradient of ``cmap``) with its end values and a label."""
-    stops = ", ".join("rgb({},{},{}) {}%".format(
-        *(int(255 * v) for v in matplotlib.colormaps[cmap](t)[:3]), int(round(100 * t)))
-        for t in np.linspace(0, 1, 11))
+    stops = _gradient(cmap)
     low = number(vmin) if low_text is None else low_text
     high = number(vmax) if high_text is None else high_text
     return ('<div class="usae-colorbar" style="display:inline-flex;align-items:center;'

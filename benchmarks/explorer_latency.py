@@ -94,7 +94,7 @@ def main() -> None:
         times["select concept"].append(timed(lambda: setattr(c.concept, "value", concept)))
         key = keys[(repeat + 1) % len(keys)]
         times["sort change"].append(timed(lambda: setattr(c.sort, "value", key)))
-        count = 8 if c.count.value != 8 else 4
+        count = {4: 8, 8: 12}.get(c.count.value, 4)  # 4 -> 8 -> 12 (the slider's top) -> 4
         times["count change"].append(timed(lambda: setattr(c.count, "value", count)))
         target = str(int(order[min(len(order) - 1, 60 + 5 * repeat)]))
         times["id search"].append(timed(lambda: setattr(c.search, "value", target)))

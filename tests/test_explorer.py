@@ -55,6 +55,40 @@ def test_top_images_equal_a_brute_force_ranking(explorer, dense, codes):
     assert released == [1, 4]
 
 
+def test_concept_hits_equal_torch_nonzero_on_every_concept(codes):
+    for model in codes.values():
+        for concept in range(N_CONCEPTS):
+            token, slot = torch.nonzero(model.indices == concept, as_tuple=True)  # the plain way
+            found = ex.concept_hits(model, concept)
+            np.testing.assert_array_equal(found.rows, token.numpy())
+            np.testing.assert_array_equal(found.values, model.values[token, slot].float().numpy())
+            assert found.values.dtype == np.float32
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_top_images_from_hits_equal_the_analysis_ranking(codes, photos, shared):
+    """The fast path (one pass: the concept's hits) against usae_analysis.top_images, which
+    scans the codes again, for every concept and image count, ties included."""
+    stats = analysis.concept_statistics(codes)
+    for top_n in range(1, N_IMAGES + 2):
+        explorer = ex.ConceptExplorer(codes, photos, stats, top_n=top_n, shared_ranking=shared,
+                                      include_dead=True)
+        for concept in range(N_CONCEPTS):
+            groups = [list(NAMES)] if shared else [[n] for n in NAMES]
+            for group in groups:
+                plain = analysis.top_images([codes[n] for n in group], T, [concept],
+                                            top_n)[0].numpy()
+                assert explorer.ranked_images(concept, group)[:top_n].tolist() == plain.tolist()
+                scores = {n: explorer.heatmaps(concept, n, plain).sum(axis=(1, 2),
+                                                                      dtype=np.float64) / T
+                          for n in group}
+                shown = np.mean(list(scores.values()), axis=0) > 0
+                for n in group:
+                    chosen, values = explorer.top_images(concept)[n]
+                    assert chosen.tolist() == plain[shown].tolist()
+                    np.testing.assert_array_equal(values, scores[n][shown])
+
+
 def test_shared_ranking_shows_the_same_images_for_every_model(codes, photos):
     shared = ex.ConceptExplorer(codes, photos, analysis.concept_statistics(codes), top_n=3,
                                 shared_ranking=True)

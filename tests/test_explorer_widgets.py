@@ -144,3 +144,86 @@ def test_widget_translation_tab_maps_per_patch_r2(codes, photos):
     assert len(c.nearest.children) == 8
     with pytest.raises(ValueError, match="unknown model"):
         explorer.translation_map(0, "a", "z")
+
+
+def test_batched_overlays_in_the_views_equal_overlay_one_by_one(explorer):
+    """The concept rows and the image tab's heatmaps draw every overlay in one batch: each
+    <img> equals the plain path's (overlay of that image and map on its scale, then its tag)."""
+    import usae_explorer_widgets as xw
+
+    pictures = xw.Pictures(explorer, 224)
+    for concept in (2, 5, 7):
+        vmax, maps = xw.concept_scale(explorer, concept)
+        rows = xw.concept_rows_html(explorer, concept, pictures, 150, vmax, maps)
+        for name, (chosen, _) in explorer.top_images(concept).items():
+            for image, heat in zip(chosen, maps[name]):
+                plain = ex.overlay(pictures.array(int(image)), heat, 224, vmax=vmax)
+                tag = xw.hm.image_tag(plain, width=150, title=f"concept {concept} on #{image}")
+                assert tag in rows[name]
+    for image in (1, 2, 4):
+        concepts = [2, 7, 5, 11]
+        text = xw.image_heatmaps_html(explorer, image, concepts, pictures, 120)
+        assert text.count("<img") == len(concepts) * len(NAMES)
+        for concept in concepts:
+            maps = {n: explorer.heatmaps(concept, n, [image])[0] for n in NAMES}
+            vmax = max(float(m.max()) for m in maps.values())
+            for name, heat in maps.items():
+                plain = ex.overlay(pictures.array(image), heat, 224, vmax=vmax)
+                assert xw.hm.image_tag(plain, width=120, title=name) in text
+
+
+def test_widget_updates_run_torch_on_one_thread_and_restore_it(explorer, monkeypatch,
+                                                              request):
+    pytest.importorskip("ipywidgets")
+    import torch
+
+    import usae_explorer_widgets as xw
+
+    request.addfinalizer(lambda threads=torch.get_num_threads(): torch.set_num_threads(threads))
+    torch.set_num_threads(2)  # as on a two-core machine
+    before = torch.get_num_threads()
+    seen = []
+    heatmaps = explorer.heatmaps
+    monkeypatch.setattr(explorer, "heatmaps", lambda *args: (
+        seen.append(torch.get_num_threads()), heatmaps(*args))[1])
+    explorer.widget()
+    c = explorer.controls
+    c.concept.value = 7  # an observer
+    c.image.value = 4
+    c.nearest.children[0].click()  # a button
+    assert seen and set(seen) == {1} and torch.get_num_threads() == before
+    with pytest.raises(KeyError):
+        with xw.one_thread():
+            raise KeyError("an update that fails")
+    assert torch.get_num_threads() == before
+
+
+def test_reused_buttons_show_and_open_what_new_ones_would(explorer, codes, photos):
+    """The nearest and image-tab buttons are made once and relabelled on each redraw: after
+    a walk through concepts and images they read as a freshly built widget's (the plain path)
+    and a click opens the concept they show now."""
+    pytest.importorskip("ipywidgets")
+
+    def labels(view):
+        c = view.controls
+        return ([(b.description, b.tooltip) for b in c.nearest.children],
+                [[(b.description, b.tooltip, b.style.button_color) for b in row.children[1:]]
+                 for row in c.image_concepts.children[1:]])
+
+    explorer.widget()
+    walked = explorer.controls
+    for concept, image in ((7, 2), (5, 4), (2, 0), (9, 1)):
+        walked.concept.value, walked.image.value = concept, image
+        fresh = ex.ConceptExplorer(codes, photos, analysis.concept_statistics(codes), top_n=3)
+        fresh.widget()
+        fresh.controls.concept.value, fresh.controls.image.value = concept, image
+        assert labels(explorer) == labels(fresh)
+        assert [b.description for b in walked.nearest.children if b.description] == [
+            f"{n.concept} · {ex._fixed(n.score)}" for n in explorer.nearest(concept)]
+    target = int(walked.image_concepts.children[1].children[1].description.split(" · ")[0])
+    walked.image_concepts.children[1].children[1].click()
+    assert walked.concept.value == target and f"concept {target}" in walked.header.value
+    walked.concept.value = 7  # a concept with neighbours: the reused first button opens its own
+    first = explorer.nearest(7)[0].concept
+    walked.nearest.children[0].click()
+    assert walked.concept.value == first

@@ -74,3 +74,26 @@ def test_shared_scale_keeps_weak_maps_weak_and_numbers_never_print_minus_zero():
     assert hm.number(-1e-12) == "0" and hm.number(0.012345) == "0.0123"
     bar = hm.colorbar_html(0, 4.0, label="code")
     assert "linear-gradient" in bar and ">4<" in bar and ">0<" in bar
+
+
+def test_batched_overlays_equal_overlay_one_by_one(codes):
+    """The fast path (one bicubic pass, the colour table, in-place arithmetic) gives the
+    same pixels as overlay map by map: a shared scale, a scale per map (zero included: a map
+    with nothing to show), per-map min-max, another alpha and colour map, and no map at all."""
+    pictures = [hm.squash(photo(i), 224) for i in range(6)]
+    maps = np.concatenate([hm.concept_heatmaps(codes[n], range(6), c, grid=GRID)
+                           for n, c in (("a", 2), ("b", 7), ("c", 9))])[:6]
+    maps[5] = np.random.default_rng(1).random((GRID, GRID)) * 3  # every cell hot
+    scales = [4.0, 0.0, 2.5, 1e-3, 4.0, 3.0]
+    for options in ({"vmax": 4.0}, {"vmax": scales}, {}, {"vmax": 1.5, "alpha": 0.6},
+                    {"vmax": None, "cmap": "magma"}):
+        batch = hm.overlays(pictures, maps, 224, **options)
+        vmax = options.pop("vmax", None)
+        for i, (picture, heat) in enumerate(zip(pictures, maps)):
+            one = vmax[i] if isinstance(vmax, list) else vmax
+            np.testing.assert_array_equal(batch[i], hm.overlay(picture, heat, 224, vmax=one,
+                                                               **options))
+    assert hm.overlays([], np.zeros((0, GRID, GRID)), 112, vmax=1.0).shape == (0, 112, 112, 3)
+    small = [hm.squash(photo(0), 56)]
+    np.testing.assert_array_equal(hm.overlays(small, maps[:1], 56, vmax=4.0)[0],
+                                  hm.overlay(small[0], maps[0], 56, vmax=4.0))
