@@ -5,7 +5,8 @@ images as HTML (spec 5.7).
    (:func:`concept_heatmaps`). Two normalisations: the released code's per-map min-max
    (:func:`upsample_heatmap`, the paper figures) and a scale shared by every map of a view
    (:func:`scale_heatmap`, the explorer: equal colours mean equal codes, across images and
-   models). :func:`overlay` lays either over the image as the models see it.
+   models). :func:`overlay` lays either over the image as the models see it (:func:`overlays`:
+   a batch at once, the same pixels).
 2. **Figures**: :func:`plot_concept_grid` (paper Fig. 4: one concept, every model's top images)
    and :func:`plot_image_concepts` (which concepts fire on one image, per model). They return
    :class:`matplotlib.figure.Figure` objects made without pyplot, so nothing is shown or kept
