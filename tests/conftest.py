@@ -430,3 +430,22 @@ def small_usae():
     sample = {n: torch.randn(64, d, generator=generator) * 2 + 1 for n, d in model.dims.items()}
     model.fit_standardization(sample, centre_channels=True)
     return model
+
+
+# ---- the quick end-to-end run: one per session, shared by the notebook and browser tests ------
+
+
+def run_quick(out: Path, seed: int = 0) -> subprocess.CompletedProcess:
+    """``run_all.sh --quick --out out --seed seed`` with PYTHONHASHSEED=0, its output captured."""
+    command = ["bash", str(ROOT / "run_all.sh"), "--quick", "--out", str(out), "--seed", str(seed)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=1800,
+                          env={**os.environ, "PYTHONHASHSEED": "0"})
+
+
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory):
+    """(out, completed process) of one ``run_all.sh --quick`` run, made once per session."""
+    out = tmp_path_factory.mktemp("quick")
+    result = run_quick(out)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result

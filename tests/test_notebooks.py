@@ -9,6 +9,8 @@ from pathlib import Path
 import jupytext
 import pytest
 
+from conftest import run_quick
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py"))
 FIGURES = ["training_curves", "fig4_qualitative_concepts", "fig5_cross_model_r2",
@@ -46,20 +48,6 @@ def test_notebook_has_a_papermill_parameters_cell(path):
     assert len(tagged) == 1
     # One parameter: the Experiment's fields, as run_all.sh passes them; {}: the default run.
     assert [ast.unparse(node) for node in ast.parse(tagged[0].source).body] == ["experiment = {}"]
-
-
-def run_quick(out: Path, seed: int = 0) -> subprocess.CompletedProcess:
-    command = ["bash", str(ROOT / "run_all.sh"), "--quick", "--out", str(out), "--seed", str(seed)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=1800,
-                          env={**os.environ, "PYTHONHASHSEED": "0"})
-
-
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("quick")
-    result = run_quick(out)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return out, result
 
 
 @pytest.mark.e2e
