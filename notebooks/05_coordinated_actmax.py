@@ -15,7 +15,6 @@
 experiment = {}
 
 # %%
-import matplotlib.pyplot as plt
 import usae_actmax as actmax
 import usae_analysis as analysis
 import usae_figures as figs
