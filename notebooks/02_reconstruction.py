@@ -57,10 +57,11 @@ fig = figs.reconstruction_table(rows, header, title="Self-reconstruction (Table 
                                 "ImageNet, DTD and CelebA; ours on the stand-ins (faces for "
                                 "CelebA, textures for DTD).")
 figs.save(fig, exp.figures, "table1_reconstruction")
-print("  ".join(f"{cell:>10s}" for cell in header))
+width = max(len(row[0]) for row in rows)
+print(f"{header[0]:{width}s}", "  ".join(f"{cell:>12s}" for cell in header[1:]))
 for row in rows:
-    print("  ".join(f"{cell:10.3f}" if isinstance(cell, float) else f"{cell:>10s}"
-                    for cell in row))
+    print(f"{row[0]:{width}s}", "  ".join(f"{cell:12.3f}" if isinstance(cell, float) else
+                                          f"{cell:>12s}" for cell in row[1:]))
 
 # %%
 metrics = pipeline.update_metrics(exp, {

@@ -60,5 +60,5 @@ fig = figs.consistency_histograms(
 figs.save(fig, figures, "fig16_consistency_top_cofiring")
 metrics = pipeline.update_metrics(exp, {"consistency": by_model})
 print(f"mean cosine of the matches among the {len(top)} most co-firing concepts")
-for name, numbers in metrics["consistency"].items():
-    print(f"  {name:24s} {numbers['top_cofire_mean_cosine']:.3f}")
+for name in model.names:
+    print(f"  {name:24s} {metrics['consistency'][name]['top_cofire_mean_cosine']:.3f}")
