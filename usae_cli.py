@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import usae_io
-from usae_pipeline import ROOT, Experiment
+from usae_pipeline import PROGRESS_VARIABLE, ROOT, Experiment
 
 PROG = "run_all.sh"
 PATHS = ("out", "figures", "images")  # folders, relative to where run_all.sh is called
+# The notebooks' .py files carry no metadata (jupytext.toml): their kernel is this one.
+KERNELSPEC = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
 DESCRIPTION = """\
 Usage: bash run_all.sh [options]
 
@@ -192,6 +194,28 @@ def run_notebooks(exp: Experiment) -> int:
         return 1
 
 
+def kept_notebook(notebook, *, paired: bool):
+    """An executed notebook as it is kept, changed in place and returned.
+
+    Without papermill's injected-parameters cell: opened by hand, it finds its run from
+    ``<out>/experiment.json`` (``usae_pipeline.resolve_experiment``), and papermill's metadata
+    still records the parameters. Without empty tag lists, which the .py would show. Without
+    widget state: viewers without a kernel then draw each widget's image fallback, not frozen
+    controls or progress bars. Paired with its ``.py``
+    (``ipynb,py:percent``) only when ``paired`` (the copy in ``notebooks/``): saving the copy in
+    ``<out>/notebooks`` in JupyterLab writes that file alone, whatever ``jupytext.toml`` says.
+    """
+    notebook.cells = [cell for cell in notebook.cells
+                      if "injected-parameters" not in cell.metadata.get("tags", [])]
+    for cell in notebook.cells:  # papermill's empty lists would read `tags=[]` in the .py
+        if cell.metadata.get("tags") == []:
+            del cell.metadata["tags"]
+    notebook.metadata.pop("widgets", None)
+    notebook.metadata.setdefault("jupytext", {})["formats"] = \
+        "ipynb,py:percent" if paired else "ipynb"
+    return notebook
+
+
 def _run_notebooks(exp: Experiment) -> int:
     import jupytext
     import nbformat
@@ -203,9 +227,11 @@ def _run_notebooks(exp: Experiment) -> int:
     exp.save()
     # The default run also refreshes notebooks/*.ipynb: they open in JupyterLab with its figures.
     publish = Path(exp.figures).resolve() == ROOT / "figures"
-    # The kernels import the usae_* modules from the repository root.
+    # The kernels import the usae_* modules from the repository root, and draw no progress
+    # bars: nobody watches them, and the bars would stay in the notebooks as frozen widgets.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT),
                                                              os.environ.get("PYTHONPATH")]))
+    os.environ[PROGRESS_VARIABLE] = "0"
     print(f"preset={exp.preset} quick={exp.quick} out={exp.out} figures={exp.figures} "
           f"device={exp.device} seed={exp.seed}", flush=True)
     total_start = time.monotonic()
@@ -215,7 +241,9 @@ def _run_notebooks(exp: Experiment) -> int:
         # The .py file is the source of truth; its notebook is regenerated, then executed.
         unexecuted, executed = folder / f"{name}.source.ipynb", folder / f"{name}.ipynb"
         try:
-            jupytext.write(jupytext.read(source), unexecuted)
+            notebook = jupytext.read(source)
+            notebook.metadata.setdefault("kernelspec", KERNELSPEC)
+            jupytext.write(notebook, unexecuted)
             papermill.execute_notebook(unexecuted, executed, cwd=source.parent,
                                        parameters={"experiment": dataclasses.asdict(exp)},
                                        progress_bar=False)
@@ -226,11 +254,11 @@ def _run_notebooks(exp: Experiment) -> int:
                   file=sys.stderr)
             return 1
         unexecuted.unlink()
+        nbformat.write(kept_notebook(nbformat.read(executed, as_version=4), paired=False),
+                       executed)
         if publish:
-            notebook = nbformat.read(executed, as_version=4)
-            notebook.cells = [cell for cell in notebook.cells
-                              if "injected-parameters" not in cell.metadata.get("tags", [])]
-            nbformat.write(notebook, source.with_suffix(".ipynb"))
+            nbformat.write(kept_notebook(nbformat.read(executed, as_version=4), paired=True),
+                           source.with_suffix(".ipynb"))
         print(f"   {name} done in {time.monotonic() - start:.0f} s", flush=True)
     print(f"All notebooks done in {time.monotonic() - total_start:.0f} s.")
     print(f"Figures: {exp.figures}")

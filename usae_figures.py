@@ -8,6 +8,7 @@ plot can say how our run compares, and with which models.
 """
 from __future__ import annotations
 
+import base64
 import itertools
 import textwrap
 import warnings
@@ -109,9 +110,9 @@ def text_overlaps(fig: plt.Figure, tolerance: float = 1.0) -> list[tuple[str, st
 MAX_WIDTH_PX = 2200  # wide photo grids (fig. 4) would otherwise be 3,300 px and 5 MB
 
 
-def save(fig: plt.Figure, folder: str | Path, name: str) -> Path:
+def save(fig: plt.Figure, folder: str | Path, name: str, *, show: bool = True) -> Path:
     """Save ``fig`` as ``<folder>/<name>.png`` (at most ``MAX_WIDTH_PX`` wide), show that file
-    once in a notebook, and close the figure.
+    once in a notebook (unless ``show`` is False), and close the figure.
 
     Warns when two of its texts overlap (a figure nobody can read is a defect).
     """
@@ -126,10 +127,26 @@ def save(fig: plt.Figure, folder: str | Path, name: str) -> Path:
         from IPython.display import Image, display
     except ImportError:
         get_ipython = None
-    if get_ipython is not None and get_ipython() is not None:
+    if show and get_ipython is not None and get_ipython() is not None:
         display(Image(filename=str(path)))  # the saved bytes, not a second rendering
     plt.close(fig)
     return path
+
+
+def show_widget(widget, png: str | Path, text: str) -> None:
+    """Display an ipywidget with the image ``png`` in the same output, and ``text`` as its
+    plain-text form (not the widget's repr, ``Tab(children=(VBox(...``).
+
+    JupyterLab with a kernel draws the widget. A notebook read without one (GitHub, nbviewer,
+    nbconvert) has no widget state (``run_all.sh`` drops it), so these viewers fall back to the
+    image; JupyterLab itself says "model not found" there until the cell is run again.
+    """
+    from IPython.display import display
+
+    bundle = widget._repr_mimebundle_()
+    bundle.update({"image/png": base64.b64encode(Path(png).read_bytes()).decode("ascii"),
+                   "text/plain": text})
+    display(bundle, raw=True)
 
 
 def r2_matrix(matrix: Sequence[Sequence[float]], names: Sequence[str], *, title: str,

@@ -2,8 +2,10 @@
 
 One :class:`Experiment` dataclass is the configuration: ``run_all.sh`` passes its fields to
 every notebook as papermill parameters, and it is saved as ``experiment.json`` in the output
-folder. Every step here is idempotent (caches resume, training resumes from its checkpoint,
-encoded codes are stored once), so a re-run or a later notebook reuses what is done.
+folder; a notebook opened by hand finds its run without an edited cell (``USAE_RUN``, or the
+run folder it sits in: :func:`resolve_experiment`). Every step here is idempotent (caches
+resume, training resumes from its checkpoint, encoded codes are stored once), so a re-run or a
+later notebook reuses what is done.
 
 Presets
 -------
@@ -48,6 +50,11 @@ import usae_synthetic as synthetic
 
 PRESETS = ("offline", "paper", "synthetic")
 ROOT = Path(__file__).resolve().parent  # the repository: default results/ and figures/ go here
+RUN_VARIABLE = "USAE_RUN"  # a run's output folder, for notebooks opened by hand
+PROGRESS_VARIABLE = "USAE_PROGRESS"  # "0": no progress bars (run_all.sh's kernels)
+# The fields that say where a run is and where it computes, not what it computes: a notebook may
+# change them when it opens a run, never the others (see check_saved_experiment).
+PLACE_FIELDS = ("out", "figures", "device")
 
 # The released code's training choices (usae_core.TrainConfig's defaults), and the offline
 # recipe: chosen on a split of the training images by benchmarks/recipe_search.py (README).
@@ -282,9 +289,13 @@ class Experiment:
         return Path(self.out).expanduser()
 
     def save(self) -> None:
-        path = self.folder / "experiment.json"
-        text = json.dumps(dataclasses.asdict(self), indent=1)
-        usae_io.atomic_write(path, text)
+        """Write ``<out>/experiment.json``, its paths absolute: the file opens the same run
+        from any working directory (:func:`resolve_experiment`)."""
+        fields = dataclasses.asdict(self)
+        for key in ("out", "figures", "images", "checkpoint"):
+            if fields[key]:
+                fields[key] = os.path.abspath(os.path.expanduser(fields[key]))
+        usae_io.atomic_write(self.folder / "experiment.json", json.dumps(fields, indent=1))
 
     @property
     def names(self) -> list[str]:
@@ -294,6 +305,139 @@ class Experiment:
         """The fields that are ``usae_core.TrainConfig`` options."""
         return {key: getattr(self, key) for key in ("loss", "update", "dictionary_init",
                                                     "encoder_init", "sparse_decode")}
+
+
+# ----------------------------------------------------------------------------------------------
+# Which run a notebook opens
+
+
+def saved_experiment(folder: str | os.PathLike) -> dict:
+    """The fields in ``<folder>/experiment.json``, as they apply to the run in ``folder`` now.
+
+    ``out`` is ``folder`` itself, wherever the run has been moved or copied; ``figures`` saved
+    inside the run's old folder follow it, and relative paths are relative to ``folder``.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``folder`` holds no ``experiment.json``.
+    ValueError
+        The file names fields that :class:`Experiment` does not have.
+    """
+    folder = Path(folder).expanduser().resolve()
+    path = folder / "experiment.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} holds no experiment.json: name the --out folder of a "
+                                "run_all.sh run (it holds experiment.json and metrics.json).")
+    fields = json.loads(path.read_text())
+    unknown = sorted(set(fields) - set(Experiment.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"{path} has fields {unknown} that this version's Experiment does not "
+                         "know: re-run run_all.sh into that folder, or remove them.")
+    old_out = (folder / fields.get("out", folder)).resolve()  # an absolute path stays as it is
+    for key in ("figures", "images", "checkpoint"):
+        if fields.get(key):
+            value = (folder / Path(fields[key]).expanduser()).resolve()
+            if key == "figures" and value.is_relative_to(old_out):
+                value = folder / value.relative_to(old_out)
+            fields[key] = str(value)
+    fields["out"] = str(folder)
+    return fields
+
+
+def resolve_experiment(experiment: Mapping[str, Any] | None = None, *,
+                       cwd: str | os.PathLike | None = None,
+                       environ: Mapping[str, str] | None = None) -> dict:
+    """The fields of the run a notebook is about, found without editing a cell; prints where.
+
+    In this order:
+
+    1. ``experiment``, when it is not empty: the notebook's parameter (``run_all.sh`` passes
+       every field through papermill);
+    2. else the run folder named by the environment variable ``USAE_RUN``
+       (``USAE_RUN=results/offline-quick jupyter lab``; relative to the repository root,
+       since a kernel runs in the notebook's folder, not where JupyterLab was started);
+    3. else the run the notebook sits in: ``experiment.json`` in the parent of the working
+       directory (JupyterLab runs ``<out>/notebooks/NN.ipynb`` in ``<out>/notebooks``);
+    4. else ``{}``: the default run (``results/offline``, the repository's ``figures/``).
+
+    A saved run is read with :func:`saved_experiment`, so its figures go to its own
+    ``figures`` folder, never to the repository's unless it is the default run.
+
+    Parameters
+    ----------
+    experiment : mapping or None
+        The notebook's ``experiment`` parameter.
+    cwd, environ : optional
+        The working directory and the environment (default: the process's own).
+
+    Raises
+    ------
+    FileNotFoundError
+        ``USAE_RUN`` names a folder without ``experiment.json``.
+    """
+    environ = os.environ if environ is None else environ
+    if experiment:
+        print(f"experiment: the notebook's parameter (out: {experiment.get('out') or 'default'})")
+        return dict(experiment)
+    if environ.get(RUN_VARIABLE):
+        folder = ROOT / Path(environ[RUN_VARIABLE]).expanduser()  # absolute ones stay as they are
+        fields = saved_experiment(folder)
+        print(f"experiment: {fields['out']}/experiment.json ({RUN_VARIABLE})")
+        return fields
+    here = Path.cwd() if cwd is None else Path(cwd)
+    if (here.parent / "experiment.json").is_file():
+        fields = saved_experiment(here.parent)
+        print(f"experiment: {fields['out']}/experiment.json (the run this notebook is in)")
+        return fields
+    print(f"experiment: the default run (results/offline); set {RUN_VARIABLE}=<run folder> to "
+          "open another")
+    return {}
+
+
+def check_saved_experiment(exp: Experiment) -> None:
+    """Refuse ``exp`` when its ``out`` folder holds another experiment's results.
+
+    Every field but ``out``, ``figures`` and ``device`` decides what a run computes: a notebook
+    that opened ``results/offline-quick`` with ``quick=False`` would analyse the quick run's
+    USAE while recording the full run's sizes.
+
+    Raises
+    ------
+    ValueError
+        Naming each differing field, its value here and in ``experiment.json``, and the fix.
+    """
+    if not (exp.folder / "experiment.json").is_file():
+        return
+    saved, here = saved_experiment(exp.folder), dataclasses.asdict(exp)
+    for key in ("images", "checkpoint"):  # as saved_experiment reads them
+        here[key] = here[key] and str(Path(here[key]).expanduser().resolve())
+    defaults = {f.name: f.default for f in dataclasses.fields(Experiment)
+                if f.default is not dataclasses.MISSING}
+    differing = [f"{key}={here[key]!r} (experiment.json: {saved.get(key, defaults.get(key))!r})"
+                 for key in here if key not in PLACE_FIELDS
+                 and here[key] != saved.get(key, defaults.get(key))]
+    if differing:
+        raise ValueError(
+            f"{exp.folder} holds the results of another experiment: {'; '.join(differing)}. "
+            f"To open that run as it is, leave experiment = {{}} and start JupyterLab with "
+            f"{RUN_VARIABLE}={exp.folder} (or open {exp.folder}/notebooks/NN.ipynb); to run "
+            "this experiment, pass another out folder.")
+
+
+def open_experiment(experiment: Mapping[str, Any] | None = None) -> Experiment:
+    """The :class:`Experiment` a notebook is about (:func:`resolve_experiment`), checked
+    against the ``experiment.json`` of its folder (:func:`check_saved_experiment`)."""
+    exp = Experiment(**resolve_experiment(experiment))
+    check_saved_experiment(exp)
+    return exp
+
+
+def progress_bars(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether to draw progress bars: yes, unless ``USAE_PROGRESS=0``. ``run_all.sh`` sets it
+    for the kernels it starts: nobody watches them, and their bars would stay in the saved
+    notebooks as frozen widgets."""
+    return (os.environ if environ is None else environ).get(PROGRESS_VARIABLE, "1") != "0"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -384,8 +528,11 @@ def planted_truth(exp: Experiment) -> synthetic.PlantedData:
     return synthetic.planted_concepts(dims, exp.n_concepts // 4, exp.k, 1, seed=exp.seed)
 
 
-def prepare_caches(exp: Experiment, *, progress: bool = True) -> dict[str, cache_lib.Cache]:
-    """Build (or open, or resume) the activation cache of every split."""
+def prepare_caches(exp: Experiment, *, progress: bool | None = None
+                   ) -> dict[str, cache_lib.Cache]:
+    """Build (or open, or resume) the activation cache of every split; ``progress`` None:
+    :func:`progress_bars`."""
+    progress = progress_bars() if progress is None else progress
     exp.folder.mkdir(parents=True, exist_ok=True)
     exp.save()
     if exp.preset == "synthetic":
@@ -466,8 +613,11 @@ def _standardize(model: core.USAE, stats: dict, means: dict | None) -> None:
                               None if means is None else {n: means[n] for n in model.names})
 
 
-def train_usae(exp: Experiment, train_cache: cache_lib.Cache, *, progress: bool = True) -> core.USAE:
-    """Train (or resume, or load) the USAE; its checkpoint is ``<out>/usae.safetensors``."""
+def train_usae(exp: Experiment, train_cache: cache_lib.Cache, *,
+               progress: bool | None = None) -> core.USAE:
+    """Train (or resume, or load) the USAE; its checkpoint is ``<out>/usae.safetensors``;
+    ``progress`` None: :func:`progress_bars`."""
+    progress = progress_bars() if progress is None else progress
     dims = dict(zip(exp.names, train_cache.widths.values()))
     model = core.USAE(dims, exp.n_concepts, exp.k, seed=exp.seed)
     _standardize(model, *cache_statistics(exp, train_cache))
@@ -489,8 +639,10 @@ def import_usae(exp: Experiment, train_cache: cache_lib.Cache) -> core.USAE:
 
 
 def train_independent(exp: Experiment, train_cache: cache_lib.Cache, *,
-                      progress: bool = True) -> dict[str, core.USAE]:
-    """One ordinary TopK SAE per model, same core, same tokens, same sizes (section 4.4)."""
+                      progress: bool | None = None) -> dict[str, core.USAE]:
+    """One ordinary TopK SAE per model, same core, same tokens, same sizes (section 4.4);
+    ``progress`` None: :func:`progress_bars`."""
+    progress = progress_bars() if progress is None else progress
     saes = {}
     rename = _renamed(train_cache, exp.names)
     statistics = cache_statistics(exp, train_cache)
@@ -524,10 +676,11 @@ class Run(NamedTuple):
     source: str  # one line naming the models and images behind every figure
 
 
-def open_run(experiment: Mapping[str, Any]) -> Run:
-    """The :class:`Experiment` of ``experiment`` (its fields; ``{}``: the default run), its
-    caches and its trained USAE (notebook 00's output): every analysis notebook's set-up."""
-    exp = Experiment(**experiment)
+def open_run(experiment: Mapping[str, Any] | None = None) -> Run:
+    """The :class:`Experiment` of ``experiment`` (its fields; ``{}``: ``USAE_RUN``, the run
+    the notebook sits in, or the default run: :func:`open_experiment`), its caches and its
+    trained USAE (notebook 00's output): every analysis notebook's set-up."""
+    exp = open_experiment(experiment)
     caches = open_caches(exp)
     model = load_usae(exp)
     source = (f"USAE over {exp.backbones} ({exp.preset} preset), n={model.n_concepts}, "

@@ -1,18 +1,3 @@
-# ---
-# jupyter:
-#   jupytext:
-#     formats: ipynb,py:percent
-#     text_representation:
-#       extension: .py
-#       format_name: percent
-#       format_version: '1.3'
-#       jupytext_version: 1.19.6
-#   kernelspec:
-#     display_name: Python 3
-#     language: python
-#     name: python3
-# ---
-
 # %% [markdown]
 # # 00 · Data and training
 #
@@ -31,21 +16,20 @@
 # every later notebook analyses it.
 
 # %% tags=["parameters"]
-# The fields of usae_pipeline.Experiment to change, e.g. {"preset": "synthetic", "quick": True};
-# {} is the default run (results/offline, figures/). run_all.sh passes them all.
+# The fields of usae_pipeline.Experiment, e.g. {"preset": "synthetic", "quick": True}; run_all.sh
+# passes them all. Left {}: the run folder in $USAE_RUN, else the run this notebook sits in, else
+# the default run (results/offline, figures/); README, "Exploring in JupyterLab".
 experiment = {}
 
 # %%
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path.cwd().parent))  # the repository root, where the modules live
+import dataclasses
 
 import usae_origin as origin
 import usae_pipeline as pipeline
 
-exp = pipeline.Experiment(**experiment)
-print(exp)
+exp = pipeline.open_experiment(experiment)
+for key, value in dataclasses.asdict(exp).items():
+    print(f"  {key:20s} {value}")
 
 # %% [markdown]
 # ## Activation caches
@@ -59,7 +43,8 @@ caches = pipeline.prepare_caches(exp)
 for split, cache in caches.items():
     print(f"{split:28s} {len(cache.kept_images):6d} images  {cache.n_tokens:8d} tokens  "
           f"widths {cache.widths}  skipped {cache.metadata['skipped']['count']}")
-print("standardisation (train):", caches["train"].standardization)
+for name, (mean, std) in caches["train"].standardization.items():
+    print(f"standardisation (train) of {name}: mean {mean:.4g}, std {std:.4g}")
 
 # %% [markdown]
 # ## The USAE
@@ -74,18 +59,20 @@ print("standardisation (train):", caches["train"].standardization)
 # %%
 if exp.checkpoint:
     model = pipeline.import_usae(exp, caches["train"])
-    print(model.config(), "imported from", exp.checkpoint, "(not trained here)")
+    how = f"imported from {exp.checkpoint} (not trained here)"
 else:
     model = pipeline.train_usae(exp, caches["train"])
-    history = origin.training_history(exp.folder / "usae.safetensors")
-    print(model.config(), "trained for", history[-1]["step"], "steps")
+    steps = origin.training_history(exp.folder / "usae.safetensors")[-1]["step"]
+    how = f"trained for {steps} steps"
+print(f"USAE over {model.dims} (widths), n={model.n_concepts}, k={model.k}: {how}")
 
 # %% [markdown]
 # ## Independent SAEs (one per model, for the consistency analysis)
 
 # %%
 saes = pipeline.train_independent(exp, caches["train"])
-print({name: sae.config() for name, sae in saes.items()})
+for name, sae in saes.items():
+    print(f"independent SAE of {name}: width {sae.dims[name]}, n={sae.n_concepts}, k={sae.k}")
 
 # %% [markdown]
 # ## Did training learn?
@@ -112,8 +99,11 @@ fig = figs.training_curves(history, model.names, independent=independent_history
                            caption=f"USAE over {exp.backbones} ({exp.preset} preset), "
                            f"n={model.n_concepts}, k={model.k}; {how}; dotted: independent SAEs.")
 figs.save(fig, exp.figures, "training_curves")
-print("median cosine to the initial rows:", {key: summary[key] for key in (
-    "dictionary_cosine_to_init", "independent_dictionary_cosine_to_init")})
+print("median cosine of the dictionary rows to their initial rows (USAE; independent SAE)")
+for name in model.names:
+    usae_cosine = (summary["dictionary_cosine_to_init"] or {}).get(name)  # None when imported
+    print(f"  {name:24s} {'-' if usae_cosine is None else f'{usae_cosine:.3f}'}; "
+          f"{summary['independent_dictionary_cosine_to_init'][name]:.3f}")
 
 # %% [markdown]
 # With planted concepts (``--preset synthetic``) we know the truth: how well does each learned
@@ -127,7 +117,8 @@ if exp.preset == "synthetic":
     truth = pipeline.planted_truth(exp)
     recovery = {name: synthetic.best_cosine(truth.views[name], model.dictionary(name).detach())
                 .mean().item() for name in model.names}
-    print("planted concept recovery (mean best cosine):", recovery)
+    for name, cosine in recovery.items():
+        print(f"planted concept recovery of {name} (mean best cosine): {cosine:.3f}")
 
 # %%
 metrics = pipeline.update_metrics(exp, {
@@ -135,4 +126,4 @@ metrics = pipeline.update_metrics(exp, {
     "n_concepts": model.n_concepts, "k": model.k, "seed": exp.seed,
     "train_tokens": caches["train"].n_tokens, **summary,
     **({"planted_recovery": recovery} if recovery else {})})
-print(metrics)
+print(f"{exp.folder / 'metrics.json'}: {', '.join(metrics)}")

@@ -1,18 +1,3 @@
-# ---
-# jupyter:
-#   jupytext:
-#     formats: ipynb,py:percent
-#     text_representation:
-#       extension: .py
-#       format_name: percent
-#       format_version: '1.3'
-#       jupytext_version: 1.19.6
-#   kernelspec:
-#     display_name: Python 3
-#     language: python
-#     name: python3
-# ---
-
 # %% [markdown]
 # # 02 · Reconstruction (paper section 4.2, Fig. 5 and Table 1)
 #
@@ -27,16 +12,12 @@
 #   most SAE libraries report.
 
 # %% tags=["parameters"]
-# The fields of usae_pipeline.Experiment to change, e.g. {"preset": "synthetic", "quick": True};
-# {} is the default run (results/offline, figures/). run_all.sh passes them all.
+# The fields of usae_pipeline.Experiment, e.g. {"preset": "synthetic", "quick": True}; run_all.sh
+# passes them all. Left {}: the run folder in $USAE_RUN, else the run this notebook sits in, else
+# the default run (results/offline, figures/); README, "Exploring in JupyterLab".
 experiment = {}
 
 # %%
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path.cwd().parent))  # the repository root, where the modules live
-
 import usae_analysis as analysis
 import usae_figures as figs
 import usae_pipeline as pipeline
@@ -76,8 +57,11 @@ fig = figs.reconstruction_table(rows, header, title="Self-reconstruction (Table 
                                 "ImageNet, DTD and CelebA; ours on the stand-ins (faces for "
                                 "CelebA, textures for DTD).")
 figs.save(fig, exp.figures, "table1_reconstruction")
+width = max(len(row[0]) for row in rows)
+print(f"{header[0]:{width}s}", "  ".join(f"{cell:>12s}" for cell in header[1:]))
 for row in rows:
-    print(row)
+    print(f"{row[0]:{width}s}", "  ".join(f"{cell:12.3f}" if isinstance(cell, float) else
+                                          f"{cell:>12s}" for cell in row[1:]))
 
 # %%
 metrics = pipeline.update_metrics(exp, {
@@ -85,4 +69,7 @@ metrics = pipeline.update_metrics(exp, {
     "ood": {split: analysis.reconstruction_metrics(r) for split, r in ood.items()},
     "untrained": analysis.reconstruction_metrics(untrained),
     "n_tokens": len(val.codes[names[0]])})
-print({key: metrics[key] for key in ("r2_paper", "r2_per_dim", "mse")})
+print("self-reconstruction: R² paper form, per dimension, MSE (the diagonals in metrics.json)")
+for i, name in enumerate(names):
+    print(f"  {name:24s} {metrics['r2_paper'][i][i]:6.3f}  {metrics['r2_per_dim'][i][i]:6.3f}  "
+          f"{metrics['mse'][i][i]:6.3f}")

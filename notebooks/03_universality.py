@@ -1,18 +1,3 @@
-# ---
-# jupyter:
-#   jupytext:
-#     formats: ipynb,py:percent
-#     text_representation:
-#       extension: .py
-#       format_name: percent
-#       format_version: '1.3'
-#       jupytext_version: 1.19.6
-#   kernelspec:
-#     display_name: Python 3
-#     language: python
-#     name: python3
-# ---
-
 # %% [markdown]
 # # 03 · Universality and importance (paper section 4.3, Fig. 6)
 #
@@ -23,16 +8,12 @@
 # models). Important concepts (by **energy**, the mean code) co-fire more.
 
 # %% tags=["parameters"]
-# The fields of usae_pipeline.Experiment to change, e.g. {"preset": "synthetic", "quick": True};
-# {} is the default run (results/offline, figures/). run_all.sh passes them all.
+# The fields of usae_pipeline.Experiment, e.g. {"preset": "synthetic", "quick": True}; run_all.sh
+# passes them all. Left {}: the run folder in $USAE_RUN, else the run this notebook sits in, else
+# the default run (results/offline, figures/); README, "Exploring in JupyterLab".
 experiment = {}
 
 # %%
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path.cwd().parent))  # the repository root, where the modules live
-
 import usae_analysis as analysis
 import usae_figures as figs
 import usae_pipeline as pipeline
@@ -45,7 +26,8 @@ stats = analysis.concept_statistics(val.codes)
 summary = analysis.universality(stats, analysis.dictionary_norms(model))
 fig = figs.firing_entropy_histogram(summary["firing_entropy"], len(model.names), caption=source)
 figs.save(fig, exp.figures, "fig6a_firing_entropy")
-print("dead concepts:", summary["dead_fraction"])
+for name, share in summary["dead_fraction"].items():
+    print(f"dead concepts, {name}: {share:.1%}")
 
 # %%
 aggregate = analysis.aggregate_energy(analysis.energy(stats.code_sums, stats.n_tokens))
@@ -58,14 +40,19 @@ fig = figs.cofire_proportion_curves({name: proportion[i, top].numpy()
                                             for i, name in enumerate(model.names)},
                                     caption=source + f"; the top {len(top)} concepts by energy.")
 figs.save(fig, exp.figures, "fig6b_cofire_proportion")
-print("mean co-fire proportion over the top concepts:", summary["cofire_proportion_top1000"])
-print("its chance level (independent firing):", summary["cofire_proportion_top1000_chance"])
+print(f"mean co-fire proportion over the top {len(top)} concepts; chance (independent firing)")
+for name in model.names:
+    print(f"  {name:24s} {summary['cofire_proportion_top1000'][name]:.3f}; "
+          f"{summary['cofire_proportion_top1000_chance'][name]:.3f}")
 
 # %%
 fig = figs.energy_vs_cofires(stats.cofires.numpy(), aggregate.numpy() / len(model.names),
                              summary["energy_vs_cofire"], caption=source)
 figs.save(fig, exp.figures, "fig6c_energy_vs_cofire")
-print(summary["energy_vs_cofire"])
+fit = summary["energy_vs_cofire"]
+print(f"energy vs co-fires, log-log: r = {fit['r']:.2f}, slope {fit['slope']:.2f} over "
+      f"{fit['n_concepts']} concepts; r = {fit['r_ge1000']:.2f}, slope {fit['slope_ge1000']:.2f} "
+      f"over the {fit['n_concepts_ge1000']} with at least 1,000 co-fires")
 
 # %%
 metrics = pipeline.update_metrics(exp, {key: summary[key] for key in (

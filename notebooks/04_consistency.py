@@ -1,18 +1,3 @@
-# ---
-# jupyter:
-#   jupytext:
-#     formats: ipynb,py:percent
-#     text_representation:
-#       extension: .py
-#       format_name: percent
-#       format_version: '1.3'
-#       jupytext_version: 1.19.6
-#   kernelspec:
-#     display_name: Python 3
-#     language: python
-#     name: python3
-# ---
-
 # %% [markdown]
 # # 04 · Consistency with independent SAEs (paper section 4.4, Fig. 7 and Fig. 16)
 #
@@ -24,16 +9,12 @@
 # does not define it; see usae-spec.md 5.5).
 
 # %% tags=["parameters"]
-# The fields of usae_pipeline.Experiment to change, e.g. {"preset": "synthetic", "quick": True};
-# {} is the default run (results/offline, figures/). run_all.sh passes them all.
+# The fields of usae_pipeline.Experiment, e.g. {"preset": "synthetic", "quick": True}; run_all.sh
+# passes them all. Left {}: the run folder in $USAE_RUN, else the run this notebook sits in, else
+# the default run (results/offline, figures/); README, "Exploring in JupyterLab".
 experiment = {}
 
 # %%
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path.cwd().parent))  # the repository root, where the modules live
-
 import usae_analysis as analysis
 import usae_figures as figs
 import usae_pipeline as pipeline
@@ -47,14 +28,16 @@ usae_dictionaries = {name: model.dictionary(name).detach().cpu() for name in mod
 independent = {name: saes[name].dictionary(name).detach().cpu() for name in model.names}
 matched = analysis.consistency_by_model(usae_dictionaries, independent, seed=exp.seed)
 by_model, baselines = matched.summary, matched.baselines
-for name, numbers in by_model.items():
-    print(name, numbers)
 paper = figs.PAPER["consistency_share_gt_0_5"]
 fig = figs.consistency_histograms(
     matched.cosines, baselines, title=f"USAE vs independent SAEs (paper: cosine > 0.5 for ViT "
     f"{paper['ViT']:.0%}, DinoV2 {paper['DinoV2']:.0%}, SigLIP {paper['SigLIP']:.0%}; random "
     f"AUC {figs.PAPER['random_baseline_auc']})", caption=source)
 figs.save(fig, figures, "fig7_consistency")
+print("matched to an independent SAE: share with cosine > 0.5, AUC, random dictionary's AUC")
+for name, numbers in by_model.items():
+    print(f"  {name:24s} {numbers['share_gt_0_5']:6.1%}  {numbers['auc']:.3f}  "
+          f"{numbers['random_baseline_auc']:.3f}")
 
 # %% [markdown]
 # ## The most co-firing concepts (Fig. 16)
@@ -76,4 +59,6 @@ fig = figs.consistency_histograms(
     caption=source)
 figs.save(fig, figures, "fig16_consistency_top_cofiring")
 metrics = pipeline.update_metrics(exp, {"consistency": by_model})
-print(metrics["consistency"])
+print(f"mean cosine of the matches among the {len(top)} most co-firing concepts")
+for name in model.names:
+    print(f"  {name:24s} {metrics['consistency'][name]['top_cofire_mean_cosine']:.3f}")

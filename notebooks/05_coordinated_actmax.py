@@ -1,18 +1,3 @@
-# ---
-# jupyter:
-#   jupytext:
-#     formats: ipynb,py:percent
-#     text_representation:
-#       extension: .py
-#       format_name: percent
-#       format_version: '1.3'
-#       jupytext_version: 1.19.6
-#   kernelspec:
-#     display_name: Python 3
-#     language: python
-#     name: python3
-# ---
-
 # %% [markdown]
 # # 05 · Coordinated activation maximisation (paper section 4.5, Fig. 8)
 #
@@ -24,17 +9,12 @@
 # model's "style".
 
 # %% tags=["parameters"]
-# The fields of usae_pipeline.Experiment to change, e.g. {"preset": "synthetic", "quick": True};
-# {} is the default run (results/offline, figures/). run_all.sh passes them all.
+# The fields of usae_pipeline.Experiment, e.g. {"preset": "synthetic", "quick": True}; run_all.sh
+# passes them all. Left {}: the run folder in $USAE_RUN, else the run this notebook sits in, else
+# the default run (results/offline, figures/); README, "Exploring in JupyterLab".
 experiment = {}
 
 # %%
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path.cwd().parent))  # the repository root, where the modules live
-
-import matplotlib.pyplot as plt
 import usae_actmax as actmax
 import usae_analysis as analysis
 import usae_figures as figs
@@ -60,15 +40,17 @@ if backbones:
     photos = [usae_images.open_image(train_images.absolute(i)).image
               for i in range(min(len(train_images), 64))]
     prior = actmax.image_prior([p for p in photos if p is not None], config.image_size)
-    results = {concept: actmax.coordinated_maximization(model, backbones, concept, prior, config,
-                                                        seed=exp.seed)
-               for concept in universal}
+    results = {concept: actmax.coordinated_maximization(
+        model, backbones, concept, prior, config, seed=exp.seed,
+        progress=pipeline.progress_bars()) for concept in universal}
     fig = figs.coordinated_actmax(results, caption=source + f"; MaCo-style, {config.steps} "
                                   f"steps, {config.image_size} px.")
     figs.save(fig, figures, "fig8_coordinated_actmax")
     gains = {str(c): {n: r.objective_end - r.objective_start for n, r in results[c].items()}
              for c in universal}
     pipeline.update_metrics(exp, {"actmax_objective_gain": gains})
-    print(gains)
+    print("gain of each model's objective (end - start):", ", ".join(model.names))
+    for concept, by_model in gains.items():
+        print(f"  concept {concept:>5s}  " + "  ".join(f"{by_model[n]:7.3f}" for n in model.names))
 else:
     print("The synthetic preset has no images and no backbones: nothing to optimise.")

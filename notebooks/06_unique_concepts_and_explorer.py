@@ -1,18 +1,3 @@
-# ---
-# jupyter:
-#   jupytext:
-#     formats: ipynb,py:percent
-#     text_representation:
-#       extension: .py
-#       format_name: percent
-#       format_version: '1.3'
-#       jupytext_version: 1.19.6
-#   kernelspec:
-#     display_name: Python 3
-#     language: python
-#     name: python3
-# ---
-
 # %% [markdown]
 # # 06 · Model-unique concepts (paper section 4.6) and the concept explorer
 #
@@ -22,16 +7,12 @@
 # the explorer lets you browse every concept across models side by side.
 
 # %% tags=["parameters"]
-# The fields of usae_pipeline.Experiment to change, e.g. {"preset": "synthetic", "quick": True};
-# {} is the default run (results/offline, figures/). run_all.sh passes them all.
+# The fields of usae_pipeline.Experiment, e.g. {"preset": "synthetic", "quick": True}; run_all.sh
+# passes them all. Left {}: the run folder in $USAE_RUN, else the run this notebook sits in, else
+# the default run (results/offline, figures/); README, "Exploring in JupyterLab".
 experiment = {}
 
 # %%
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path.cwd().parent))  # the repository root, where the modules live
-
 import usae_analysis as analysis
 import usae_explorer as explorer_lib
 import usae_figures as figs
@@ -46,8 +27,8 @@ unique = analysis.model_unique_concepts(stats.fires, model.names, min_fires=5)
 by_model = {name: [u for u in unique if u.model == name] for name in model.names}
 for name, found in by_model.items():
     print(f"{name}: {len(found)} unique concepts;", [(u.concept, u.fires) for u in found[:8]])
-pipeline.update_metrics(exp, {"unique_concepts": {name: [u.concept for u in found]
-                                                  for name, found in by_model.items()}})
+metrics = pipeline.update_metrics(exp, {"unique_concepts": {
+    name: [u.concept for u in found] for name, found in by_model.items()}})
 
 # %%
 explorer = explorer_lib.ConceptExplorer.from_cache(caches["val"], val.codes, model=model,
@@ -72,12 +53,12 @@ else:
 # dictionary cosine), which open on a click. **Image**: search images by label or `#index`, pick
 # one, see its top concepts per model (coloured by how widely they fire; a click opens the
 # concept) and their heatmaps on it. **Translation**: encode the image with model A, decode it
-# into model B, and see B's per-patch R². The static view below shows the first concept when the
-# notebook is read without a live kernel.
+# into model B, and see B's per-patch R². Read without a kernel (GitHub, nbviewer), the output
+# below is a static image of the first concept, saved as `explorer_static_view.png`; in
+# JupyterLab, run the notebook to use the explorer.
 
 # %%
-from IPython.display import display
-
 if exp.preset != "synthetic":
-    figs.save(explorer.static_view(), exp.figures, "explorer_static_view")
-    display(explorer.widget())
+    static = figs.save(explorer.static_view(show_table=False), exp.figures,
+                       "explorer_static_view", show=False)
+    figs.show_widget(explorer.widget(), static, "the concept explorer: run the notebook to use it")

@@ -267,3 +267,45 @@ def test_a_second_run_into_the_same_folder_is_refused_naming_the_first(tmp_path,
     assert cli.run_notebooks(exp) == 1  # now it runs, up to the planted failure
     assert "00_fine done in" in capsys.readouterr().out
     assert not (tmp_path / "out" / ".lock").exists()
+
+
+def test_executed_notebooks_are_kept_without_parameters_widget_state_or_pairing(
+        tmp_path, monkeypatch):
+    """A notebook .py without metadata (jupytext.toml) runs in this kernel with no progress
+    bars; its executed copy in <out>/notebooks has no injected-parameters cell (opened by hand
+    it finds <out>/experiment.json), no empty tags, and is paired with no .py."""
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "notebooks" / "00_plain.py").write_text(
+        '# %% tags=["parameters"]\nexperiment = {}\n\n# %%\nimport os\n'
+        'print("progress:", os.environ.get("USAE_PROGRESS"), "seed:", experiment["seed"])\n')
+    monkeypatch.setattr(cli, "ROOT", tmp_path)
+    monkeypatch.setenv("PYTHONPATH", "")  # both restored after the test: run_notebooks sets them
+    monkeypatch.delenv("USAE_PROGRESS", raising=False)
+    exp = pipeline.Experiment(preset="synthetic", quick=True, out=str(tmp_path / "out"), seed=7)
+    assert cli.run_notebooks(exp) == 0
+    notebook = json.loads((tmp_path / "out" / "notebooks" / "00_plain.ipynb").read_text())
+    assert notebook["metadata"]["kernelspec"]["name"] == "python3"
+    assert notebook["metadata"]["jupytext"]["formats"] == "ipynb"
+    assert "widgets" not in notebook["metadata"]
+    assert notebook["metadata"]["papermill"]["parameters"]["experiment"]["seed"] == 7
+    assert [cell["metadata"].get("tags") for cell in notebook["cells"]] == [["parameters"], None]
+    assert "".join(notebook["cells"][1]["outputs"][0]["text"]) == "progress: 0 seed: 7\n"
+
+
+def test_kept_notebook_pairs_only_the_published_copy():
+    import nbformat
+
+    def executed():
+        return nbformat.v4.new_notebook(cells=[
+            nbformat.v4.new_code_cell("experiment = {}", metadata={"tags": ["parameters"]}),
+            nbformat.v4.new_code_cell("experiment = {'seed': 1}",
+                                      metadata={"tags": ["injected-parameters"]}),
+            nbformat.v4.new_markdown_cell("text", metadata={"tags": []})],
+            metadata={"widgets": {"application/vnd.jupyter.widget-state+json": {}},
+                      "jupytext": {"formats": "ipynb,py:percent"}})
+
+    for paired, formats in ((True, "ipynb,py:percent"), (False, "ipynb")):
+        kept = cli.kept_notebook(executed(), paired=paired)
+        assert [cell.source for cell in kept.cells] == ["experiment = {}", "text"]
+        assert kept.cells[1].metadata == {} and "widgets" not in kept.metadata
+        assert kept.metadata.jupytext.formats == formats

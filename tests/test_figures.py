@@ -180,3 +180,45 @@ def test_coordinated_actmax_refuses_concepts_with_different_models():
         figs.coordinated_actmax(results, caption="c")
     with pytest.raises(ValueError, match="same models"):
         figs.coordinated_actmax({}, caption="c")
+
+
+# ---- in a notebook: the saved file shown once, or not at all; a widget with a static image ----
+
+
+@pytest.fixture
+def shown(monkeypatch):
+    """What usae_figures displays, as if run in a kernel: a list of (object, options)."""
+    import IPython
+    import IPython.display
+
+    displayed = []
+    monkeypatch.setattr(IPython, "get_ipython", lambda: object())
+    monkeypatch.setattr(IPython.display, "display",
+                        lambda obj, **options: displayed.append((obj, options)))
+    return displayed
+
+
+def test_save_shows_the_saved_file_unless_told_not_to(tmp_path, shown):
+    from matplotlib.figure import Figure  # not pyplot's: it would hook into the fake kernel
+
+    figs.save(Figure(figsize=(2, 2)), tmp_path, "shown")
+    assert len(shown) == 1 and shown[0][0].data == (tmp_path / "shown.png").read_bytes()
+    path = figs.save(Figure(figsize=(2, 2)), tmp_path, "silent", show=False)
+    assert path.is_file() and len(shown) == 1
+
+
+def test_show_widget_puts_the_png_beside_the_widget_in_one_output(tmp_path, shown):
+    """JupyterLab with a kernel draws the widget; viewers without its state draw the PNG."""
+    import base64
+
+    import ipywidgets
+
+    png = tmp_path / "view.png"
+    png.write_bytes(b"\x89PNG not really")
+    widget = ipywidgets.Tab(children=[ipywidgets.HTML("x")])
+    figs.show_widget(widget, png, "the explorer")
+    [(bundle, options)] = shown
+    assert options == {"raw": True}
+    assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == widget.model_id
+    assert base64.b64decode(bundle["image/png"]) == png.read_bytes()
+    assert bundle["text/plain"] == "the explorer"  # not "Tab(children=(..."

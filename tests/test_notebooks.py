@@ -2,8 +2,10 @@
 import ast
 import json
 import os
+import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import jupytext
@@ -155,3 +157,163 @@ def test_paper_preset_with_a_released_checkpoint_analyses_it_without_training(
     for name in FIGURES:
         path = out / "figures" / f"{name}.png"
         assert path.is_file() and path.read_bytes().startswith(b"\x89PNG"), name
+
+
+# ----------------------------------------------------------------------------------------------
+# JupyterLab as a way in: the modules import from anywhere, a notebook finds its run, the
+# notebooks read well without a kernel, and saving one in JupyterLab keeps its .py as written
+
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+PROGRESS_BAR = re.compile(r"\d+%\|")  # tqdm's "  0%|          | 0/64"
+
+
+def kernel_free_problems(notebook) -> list[str]:
+    """What a reader without a kernel (GitHub, nbviewer) would see wrong in ``notebook``: a
+    widget with no image to fall back on, saved widget state, a progress bar, a stray repr (a
+    cell's value printed as text: a PosixPath, a dict)."""
+    problems = ["widget state in the metadata"] if "widgets" in notebook.metadata else []
+    for index, cell in enumerate(notebook.cells):
+        for output in cell.get("outputs", []):
+            data = output.get("data", {})
+            texts = [output.get("text", ""), *(v for v in data.values() if isinstance(v, str))]
+            where = f"cell {index} ({output.output_type})"
+            if WIDGET_VIEW in data and "image/png" not in data:
+                problems.append(f"{where}: a widget without an image/png fallback")
+            if any(PROGRESS_BAR.search(text) for text in texts):
+                problems.append(f"{where}: a progress bar")
+            if any("PosixPath(" in text for text in texts):
+                problems.append(f"{where}: a PosixPath repr")
+            if output.output_type == "execute_result" and set(data) == {"text/plain"}:
+                problems.append(f"{where}: a stray repr {data['text/plain'][:60]!r}")
+    return problems
+
+
+def test_the_kernel_free_check_finds_what_readers_saw_in_the_notebooks():
+    """The outputs the committed notebooks had (the explorer as a bare widget, tqdm's widgets,
+    a returned path, a returned dict), each caught."""
+    import nbformat
+
+    outputs = [
+        nbformat.v4.new_output("display_data", {WIDGET_VIEW: {"model_id": "a"},
+                                                "text/plain": "Tab(children=(VBox(..."}),
+        nbformat.v4.new_output("display_data", {WIDGET_VIEW: {"model_id": "b"}, "text/plain":
+                                                "caching:   0%|          | 0/64 [00:00<?]"}),
+        nbformat.v4.new_output("execute_result", {"text/plain": "PosixPath('/x/fig7.png')"}),
+        nbformat.v4.new_output("execute_result", {"text/plain": "{'actmax_objective_gain': 1}"}),
+        nbformat.v4.new_output("stream", name="stderr", text="USAE:  40%|####  | 4/10\r")]
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x", outputs=outputs)])
+    assert len(kernel_free_problems(notebook)) == 7
+    widget_with_image = nbformat.v4.new_output("display_data", {
+        WIDGET_VIEW: {"model_id": "a"}, "image/png": "iVBOR", "text/plain": "the explorer"})
+    notebook.cells[0].outputs = [widget_with_image]
+    assert kernel_free_problems(notebook) == []
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_notebook_reads_well_without_a_kernel(path):
+    """The outputs come from the default run (run_all.sh refreshes notebooks/*.ipynb)."""
+    notebook = jupytext.read(path.with_suffix(".ipynb"))
+    assert kernel_free_problems(notebook) == []
+
+
+@pytest.mark.e2e
+def test_quick_run_notebooks_read_well_without_a_kernel_and_are_unpaired(quick_run):
+    out, _ = quick_run
+    for stem in (p.stem for p in NOTEBOOKS):
+        notebook = jupytext.read(out / "notebooks" / f"{stem}.ipynb")
+        assert kernel_free_problems(notebook) == [], stem
+        assert notebook.metadata["jupytext"]["formats"] == "ipynb", stem  # saving: itself only
+        assert not any("injected-parameters" in cell.metadata.get("tags", [])
+                       for cell in notebook.cells), stem
+
+
+@pytest.mark.e2e
+def test_a_quick_run_notebook_opened_in_its_folder_finds_its_run(quick_run, tmp_path,
+                                                                  monkeypatch):
+    """As in JupyterLab: <copy>/notebooks/03_universality.ipynb run in its own folder, with no
+    parameter and no USAE_RUN, analyses the run it sits in (copied elsewhere, so its
+    experiment.json names another folder) and writes that run's figures."""
+    import nbclient
+
+    out, _ = quick_run
+    copy = tmp_path / "copied"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns(".lock"))
+    repository_figures = {p: p.stat().st_mtime_ns for p in (ROOT / "figures").glob("*.png")}
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))  # as install.sh's editable install would
+    monkeypatch.delenv("USAE_RUN", raising=False)
+    start = time.time()
+    notebook = jupytext.read(copy / "notebooks" / "03_universality.ipynb")
+    nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(copy / "notebooks")}}).execute()
+    printed = "".join(o.get("text", "") for c in notebook.cells for o in c.get("outputs", []))
+    assert f"experiment: {copy}/experiment.json (the run this notebook is in)" in printed
+    assert (copy / "figures" / "fig6a_firing_entropy.png").stat().st_mtime >= start
+    assert (out / "figures" / "fig6a_firing_entropy.png").stat().st_mtime < start
+    assert {p: p.stat().st_mtime_ns for p in (ROOT / "figures").glob("*.png")} == \
+        repository_figures
+
+
+def test_the_notebooks_import_the_modules_without_touching_sys_path():
+    for path in NOTEBOOKS:
+        assert "sys.path" not in path.read_text(), path.name
+
+
+def test_pyproject_installs_every_module():
+    """install.sh's `pip install -e .` makes the modules importable from any folder; a module
+    left out of py-modules would import only from the repository root."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["tool"]["setuptools"]["py-modules"] == \
+        sorted(p.stem for p in ROOT.glob("usae_*.py"))
+    assert "dependencies" not in project["project"]  # requirements.txt is the one list
+
+
+def jupytext_settings():
+    from jupytext.config import load_jupytext_configuration_file
+
+    return load_jupytext_configuration_file(str(ROOT / "jupytext.toml"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_notebook_writes_back_its_py_byte_for_byte(path):
+    config = jupytext_settings()
+    notebook = jupytext.read(path.with_suffix(".ipynb"), config=config)
+    assert jupytext.writes(notebook, "py:percent", config=config) == path.read_text()
+
+
+def test_saving_in_jupyterlab_keeps_the_py_and_leaves_a_run_copy_alone(tmp_path):
+    """JupyterLab's jupytext contents manager, in a copy of the repository's layout: saving
+    notebooks/NN.ipynb, with what JupyterLab changes (the kernel's display name and version,
+    a collapsed heading, timings), writes back the same .py; saving a run's executed copy in
+    results/<run>/notebooks writes that .ipynb and nothing else."""
+    import copy as copying
+
+    import nbformat
+    from jupytext import TextFileContentsManager
+
+    import usae_cli
+
+    stem = "02_reconstruction"
+    (tmp_path / "notebooks").mkdir()
+    shutil.copy(ROOT / "jupytext.toml", tmp_path)
+    for suffix in (".py", ".ipynb"):
+        shutil.copy(ROOT / "notebooks" / f"{stem}{suffix}", tmp_path / "notebooks")
+    run = tmp_path / "results" / "run" / "notebooks"
+    run.mkdir(parents=True)
+    executed = usae_cli.kept_notebook(
+        nbformat.read(ROOT / "notebooks" / f"{stem}.ipynb", as_version=4), paired=False)
+    nbformat.write(executed, run / f"{stem}.ipynb")
+    manager = TextFileContentsManager(root_dir=str(tmp_path))
+    for path in (f"notebooks/{stem}.ipynb", f"results/run/notebooks/{stem}.ipynb"):
+        model = manager.get(path)
+        notebook = copying.deepcopy(model["content"])
+        notebook.metadata["kernelspec"] = {"display_name": "Python 3 (ipykernel)",
+                                           "language": "python", "name": "python3"}
+        notebook.metadata["language_info"] = {"name": "python", "version": "3.12.1"}
+        notebook.cells[0].metadata["jp-MarkdownHeadingCollapsed"] = True
+        notebook.cells[2].metadata["execution"] = {"iopub.status.idle": "2030-01-01T00:00:00Z"}
+        manager.save({"type": "notebook", "format": "json", "content": notebook}, path)
+    assert (tmp_path / "notebooks" / f"{stem}.py").read_bytes() == \
+        (ROOT / "notebooks" / f"{stem}.py").read_bytes()
+    assert [p.name for p in run.glob("*") if not p.name.startswith(".")] == [f"{stem}.ipynb"]

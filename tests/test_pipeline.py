@@ -3,6 +3,7 @@ the project can unpickle. run_all.sh's options are tested in test_cli.py."""
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
 
 import pytest
@@ -166,3 +167,101 @@ def test_no_loader_in_the_project_can_unpickle():
             elif owner == "yaml" and node.func.attr in ("load", "unsafe_load", "full_load"):
                 problems.append(call)
     assert loads >= 3 and not problems, problems
+
+
+# ----------------------------------------------------------------------------------------------
+# Which run a notebook opens: its parameter, USAE_RUN, the run it sits in, or the default run
+
+
+def saved_run(folder: Path, **options) -> pipeline.Experiment:
+    """A synthetic quick experiment saved into ``folder`` as run_all.sh saves it."""
+    exp = pipeline.Experiment(preset="synthetic", quick=True, out=str(folder), **options)
+    exp.folder.mkdir(parents=True, exist_ok=True)
+    exp.save()
+    return exp
+
+
+def test_resolve_experiment_takes_the_parameter_then_usae_run_then_the_run_it_sits_in(
+        tmp_path, capsys):
+    by_variable, around = saved_run(tmp_path / "by_variable"), saved_run(tmp_path / "around")
+    inside = around.folder / "notebooks"
+    inside.mkdir()
+    environ = {"USAE_RUN": str(by_variable.folder)}
+    given = {"preset": "synthetic", "seed": 3}
+    assert pipeline.resolve_experiment(given, cwd=inside, environ=environ) == given
+    assert "the notebook's parameter" in capsys.readouterr().out
+    fields = pipeline.resolve_experiment({}, cwd=inside, environ=environ)
+    assert pipeline.Experiment(**fields) == by_variable
+    assert f"{by_variable.folder}/experiment.json (USAE_RUN)" in capsys.readouterr().out
+    fields = pipeline.resolve_experiment({}, cwd=inside, environ={})
+    assert pipeline.Experiment(**fields) == around
+    assert "(the run this notebook is in)" in capsys.readouterr().out
+    assert pipeline.resolve_experiment({}, cwd=tmp_path, environ={}) == {}
+    assert "the default run" in capsys.readouterr().out
+
+
+def test_a_relative_usae_run_is_relative_to_the_repository_not_the_notebook(tmp_path,
+                                                                            monkeypatch):
+    saved_run(tmp_path / "results" / "mine")
+    monkeypatch.setattr(pipeline, "ROOT", tmp_path)
+    fields = pipeline.resolve_experiment({}, cwd=tmp_path / "notebooks",
+                                         environ={"USAE_RUN": "results/mine"})
+    assert fields["out"] == str(tmp_path / "results" / "mine")
+
+
+def test_usae_run_without_experiment_json_is_refused_naming_the_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path} holds no experiment.json"):
+        pipeline.resolve_experiment(None, environ={"USAE_RUN": str(tmp_path)})
+
+
+def test_experiment_json_holds_absolute_paths_whatever_the_working_directory(tmp_path,
+                                                                            monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    exp = saved_run(Path("run"))  # relative, as a notebook might write it
+    saved = json.loads((tmp_path / "run" / "experiment.json").read_text())
+    assert (saved["out"], saved["figures"]) == (str(tmp_path / "run"),
+                                                str(tmp_path / "run" / "figures"))
+    monkeypatch.chdir(ROOT / "notebooks")  # where a kernel runs: the same folders
+    assert pipeline.saved_experiment(tmp_path / "run")["figures"] == saved["figures"]
+    assert exp.out == "run"  # the experiment itself is unchanged
+
+
+def test_a_moved_run_opens_where_it_is_now_with_its_own_figures(tmp_path):
+    saved_run(tmp_path / "before")
+    (tmp_path / "before").rename(tmp_path / "after")
+    exp = pipeline.Experiment(**pipeline.saved_experiment(tmp_path / "after"))
+    assert (exp.out, exp.figures) == (str(tmp_path / "after"), str(tmp_path / "after" / "figures"))
+
+
+def test_a_reopened_run_never_writes_the_repository_figures_unless_it_is_the_default_run(
+        tmp_path):
+    """A quick run of the offline preset, re-opened from its folder, keeps <out>/figures; the
+    default run's experiment.json keeps the repository's figures/ (the README shows them)."""
+    quick = pipeline.saved_experiment(saved_run(tmp_path / "quick").folder)
+    assert quick["figures"] == str(tmp_path / "quick" / "figures")
+    default = pipeline.Experiment()  # not saved: its folder is the repository's results/
+    assert default.figures == str(ROOT / "figures")
+    fields = {**pipeline.dataclasses.asdict(default), "out": str(tmp_path / "default")}
+    (tmp_path / "default").mkdir()
+    (tmp_path / "default" / "experiment.json").write_text(json.dumps(fields))
+    assert pipeline.saved_experiment(tmp_path / "default")["figures"] == str(ROOT / "figures")
+
+
+def test_a_parameter_that_disagrees_with_the_run_it_names_is_refused(tmp_path):
+    """Opening a quick run with quick=False would analyse its USAE under the full sizes."""
+    run = saved_run(tmp_path / "run")
+    with pytest.raises(ValueError, match=r"holds the results of another experiment: quick=False "
+                                         r"\(experiment.json: True\); n_concepts=256 "
+                                         r"\(experiment.json: 128\)") as refused:
+        pipeline.open_experiment({"preset": "synthetic", "out": str(run.folder)})
+    assert f"USAE_RUN={run.folder}" in str(refused.value)
+    assert "seed" not in str(refused.value)  # only the fields that differ
+    # where it computes and where its figures go may differ; everything else must match
+    same = pipeline.open_experiment({"preset": "synthetic", "quick": True, "out": str(run.folder),
+                                     "figures": str(tmp_path / "elsewhere")})
+    assert same.figures == str(tmp_path / "elsewhere")
+
+
+def test_progress_bars_unless_usae_progress_is_0():
+    assert pipeline.progress_bars({}) and pipeline.progress_bars({"USAE_PROGRESS": "1"})
+    assert not pipeline.progress_bars({"USAE_PROGRESS": "0"})
