@@ -194,14 +194,19 @@ def run_notebooks(exp: Experiment) -> int:
         return 1
 
 
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
 def kept_notebook(notebook, *, paired: bool):
     """An executed notebook as it is kept, changed in place and returned.
 
     Without papermill's injected-parameters cell: opened by hand, it finds its run from
     ``<out>/experiment.json`` (``usae_pipeline.resolve_experiment``), and papermill's metadata
     still records the parameters. Without empty tag lists, which the .py would show. Without
-    widget state: viewers without a kernel then draw each widget's image fallback, not frozen
-    controls or progress bars. Paired with its ``.py``
+    widget state or widget views: once its kernel is gone a widget cannot be drawn again (a
+    saved view reads "model not found" in JupyterLab), so every viewer, JupyterLab included,
+    draws the image saved beside it (``usae_figures.show_widget``), not frozen controls or
+    progress bars. Paired with its ``.py``
     (``ipynb,py:percent``) only when ``paired`` (the copy in ``notebooks/``): saving the copy in
     ``<out>/notebooks`` in JupyterLab writes that file alone, whatever ``jupytext.toml`` says.
     """
@@ -211,6 +216,9 @@ def kept_notebook(notebook, *, paired: bool):
         if cell.metadata.get("tags") == []:
             del cell.metadata["tags"]
     notebook.metadata.pop("widgets", None)
+    for cell in notebook.cells:
+        for output in cell.get("outputs", []):
+            output.get("data", {}).pop(WIDGET_VIEW, None)
     notebook.metadata.setdefault("jupytext", {})["formats"] = \
         "ipynb,py:percent" if paired else "ipynb"
     return notebook

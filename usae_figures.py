@@ -139,7 +139,7 @@ def show_widget(widget, png: str | Path, text: str) -> None:
 
     JupyterLab with a kernel draws the widget. A notebook read without one (GitHub, nbviewer,
     nbconvert) has no widget state (``run_all.sh`` drops it), so these viewers fall back to the
-    image; JupyterLab itself says "model not found" there until the cell is run again.
+    image; so does JupyterLab, since ``run_all.sh`` also drops the dead widget view.
     """
     from IPython.display import display
 

@@ -300,12 +300,18 @@ def test_kept_notebook_pairs_only_the_published_copy():
             nbformat.v4.new_code_cell("experiment = {}", metadata={"tags": ["parameters"]}),
             nbformat.v4.new_code_cell("experiment = {'seed': 1}",
                                       metadata={"tags": ["injected-parameters"]}),
-            nbformat.v4.new_markdown_cell("text", metadata={"tags": []})],
+            nbformat.v4.new_markdown_cell("text", metadata={"tags": []}),
+            nbformat.v4.new_code_cell("show_widget(...)", outputs=[nbformat.v4.new_output(
+                "display_data", data={cli.WIDGET_VIEW: {"model_id": "dead"},
+                                      "image/png": "iVBOR", "text/plain": "explorer"})])],
             metadata={"widgets": {"application/vnd.jupyter.widget-state+json": {}},
                       "jupytext": {"formats": "ipynb,py:percent"}})
 
     for paired, formats in ((True, "ipynb,py:percent"), (False, "ipynb")):
         kept = cli.kept_notebook(executed(), paired=paired)
-        assert [cell.source for cell in kept.cells] == ["experiment = {}", "text"]
+        assert [cell.source for cell in kept.cells] == ["experiment = {}", "text",
+                                                        "show_widget(...)"]
+        # the widget's kernel is gone: every viewer, JupyterLab too, draws the saved image
+        assert set(kept.cells[2].outputs[0].data) == {"image/png", "text/plain"}
         assert kept.cells[1].metadata == {} and "widgets" not in kept.metadata
         assert kept.metadata.jupytext.formats == formats
