@@ -547,8 +547,9 @@ class ConceptExplorer:
                 maps = self.heatmaps(concept, name, chosen)
                 overlays[concept][name] = [overlay(self.images[int(j)], m, size)
                                            for j, m in zip(chosen, maps)]
-                subtitles[concept, name] = (f"{name}: fires {row['fires']:,}, energy "
-                                            f"{_number(row['energy'])}, co-fire prop. "
+                # three short lines: one line is wider than a group of one or two images
+                subtitles[concept, name] = (f"{name}\nfires {row['fires']:,}, energy "
+                                            f"{_number(row['energy'])}\nco-fire prop. "
                                             f"{_fixed(row['cofire_proportion'])}")
                 captions[concept, name] = [f"{_label(self.images, int(j))}\nmean "
                                            f"{_fixed(s, 3)}" for j, s in zip(chosen, scores)]

@@ -170,7 +170,7 @@ PROGRESS_BAR = re.compile(r"\d+%\|")  # tqdm's "  0%|          | 0/64"
 def kernel_free_problems(notebook) -> list[str]:
     """What a reader without a kernel (GitHub, nbviewer) would see wrong in ``notebook``: a
     widget with no image to fall back on, saved widget state, a progress bar, a stray repr (a
-    cell's value printed as text: a PosixPath, a dict)."""
+    cell's value printed as text: a PosixPath, a dict), a warning."""
     problems = ["widget state in the metadata"] if "widgets" in notebook.metadata else []
     for index, cell in enumerate(notebook.cells):
         for output in cell.get("outputs", []):
@@ -185,6 +185,9 @@ def kernel_free_problems(notebook) -> list[str]:
                 problems.append(f"{where}: a PosixPath repr")
             if output.output_type == "execute_result" and set(data) == {"text/plain"}:
                 problems.append(f"{where}: a stray repr {data['text/plain'][:60]!r}")
+            if output.get("name") == "stderr" and "Warning:" in output.get("text", ""):
+                # e.g. usae_figures.save's "overlapping texts": a figure nobody can read
+                problems.append(f"{where}: a warning {output['text'][:120]!r}")
     return problems
 
 
@@ -200,9 +203,11 @@ def test_the_kernel_free_check_finds_what_readers_saw_in_the_notebooks():
                                                 "caching:   0%|          | 0/64 [00:00<?]"}),
         nbformat.v4.new_output("execute_result", {"text/plain": "PosixPath('/x/fig7.png')"}),
         nbformat.v4.new_output("execute_result", {"text/plain": "{'actmax_objective_gain': 1}"}),
-        nbformat.v4.new_output("stream", name="stderr", text="USAE:  40%|####  | 4/10\r")]
+        nbformat.v4.new_output("stream", name="stderr", text="USAE:  40%|####  | 4/10\r"),
+        nbformat.v4.new_output("stream", name="stderr", text="x.py:2: UserWarning: "
+                               "explorer_static_view: overlapping texts [('#10', 'dinov2')]")]
     notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x", outputs=outputs)])
-    assert len(kernel_free_problems(notebook)) == 7
+    assert len(kernel_free_problems(notebook)) == 8
     widget_with_image = nbformat.v4.new_output("display_data", {
         WIDGET_VIEW: {"model_id": "a"}, "image/png": "iVBOR", "text/plain": "the explorer"})
     notebook.cells[0].outputs = [widget_with_image]
