@@ -324,6 +324,7 @@ class ConceptExplorer:
         self.aggregate_energy = self.energy.sum(axis=0)
         self.firing_entropy = analysis.firing_entropy(stats.fires).numpy()
         self.cofire_proportion = analysis.cofire_proportion(stats.fires, stats.cofires).numpy()
+        self.cofire_chance = analysis.chance_cofire_proportion(stats.fires, stats.n_tokens).numpy()
         self.live = np.ones(len(self.cofires), bool) if include_dead else self.fires.sum(0) > 0
         self._top: dict[int, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
         self._orders: dict[str, np.ndarray] = {}
@@ -403,7 +404,8 @@ class ConceptExplorer:
                 "energy_rank": int(rank[0]) if len(rank) else None,
                 "models": [{"model": name, "fires": int(self.fires[i, concept]),
                             "energy": float(self.energy[i, concept]),
-                            "cofire_proportion": float(self.cofire_proportion[i, concept])}
+                            "cofire_proportion": float(self.cofire_proportion[i, concept]),
+                            "cofire_chance": float(self.cofire_chance[i, concept])}
                            for i, name in enumerate(self.names)]}
 
     def hits(self, concept: int) -> dict[str, Hits]:
@@ -550,7 +552,8 @@ class ConceptExplorer:
                 # three short lines: one line is wider than a group of one or two images
                 subtitles[concept, name] = (f"{name}\nfires {row['fires']:,}, energy "
                                             f"{_number(row['energy'])}\nco-fire prop. "
-                                            f"{_fixed(row['cofire_proportion'])}")
+                                            f"{_fixed(row['cofire_proportion'])} (chance "
+                                            f"{_fixed(row['cofire_chance'])})")
                 captions[concept, name] = [f"{_label(self.images, int(j))}\nmean "
                                            f"{_fixed(s, 3)}" for j, s in zip(chosen, scores)]
         return plot_concept_grid(overlays, titles=titles, subtitles=subtitles, captions=captions)
@@ -563,11 +566,12 @@ class ConceptExplorer:
         """The statistics of :meth:`concept_info` as a small HTML table."""
         cells = "".join(
             f"<tr><td>{html.escape(r['model'])}</td><td>{r['fires']:,}</td>"
-            f"<td>{_number(r['energy'], 4)}</td><td>{_fixed(r['cofire_proportion'], 3)}</td></tr>"
+            f"<td>{_number(r['energy'], 4)}</td><td>{_fixed(r['cofire_proportion'], 3)}</td>"
+            f"<td>{_fixed(r['cofire_chance'], 3)}</td></tr>"
             for r in self.concept_info(concept)["models"])
         return (f"<p><b>{html.escape(self.concept_title(concept))}</b></p>"
                 "<table><tr><th>model</th><th>fires</th><th>energy</th>"
-                f"<th>co-fire proportion</th></tr>{cells}</table>")
+                f"<th>co-fire proportion</th><th>chance</th></tr>{cells}</table>")
 
     def static_view(self, concept: int | None = None, *, show_table: bool = True) -> Figure:
         """A first view without a live kernel: the concept's figure (default: the top concept

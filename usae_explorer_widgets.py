@@ -125,7 +125,7 @@ def concept_rows_html(explorer: ex.ConceptExplorer, concept: int, pictures: Pict
         chosen, scores = explorer.top_images(concept)[name]
         head = (f'<div style="font-size:14px"><b>{html.escape(name)}</b> · fires '
                 f'{row["fires"]:,} tokens · energy {number(row["energy"])} · co-fire prop. '
-                f'{fixed(row["cofire_proportion"])}</div>')
+                f'{fixed(row["cofire_proportion"])} (chance {fixed(row["cofire_chance"])})</div>')
         if not len(chosen):  # nothing to draw: say so rather than leave a blank row
             tokens = len(explorer.codes[name])
             rows[name] = (f'<div style="{TEXT};margin:8px 0">{head}<div class="usae-note" '

@@ -24,11 +24,16 @@ Presets
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
 import re
+import signal
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple
@@ -36,6 +41,7 @@ from typing import Any, Mapping, NamedTuple
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 import usae_analysis as analysis
 import usae_cache as cache_lib
@@ -293,8 +299,7 @@ class Experiment:
         from any working directory (:func:`resolve_experiment`)."""
         fields = dataclasses.asdict(self)
         for key in ("out", "figures", "images", "checkpoint"):
-            if fields[key]:
-                fields[key] = os.path.abspath(os.path.expanduser(fields[key]))
+            fields[key] = fields[key] and absolute_path(fields[key])
         usae_io.atomic_write(self.folder / "experiment.json", json.dumps(fields, indent=1))
 
     @property
@@ -311,6 +316,12 @@ class Experiment:
 # Which run a notebook opens
 
 
+def absolute_path(path: str | os.PathLike, base: str | os.PathLike | None = None) -> str:
+    """``path`` relative to ``base`` (default: the working directory; an absolute path stays),
+    ``~`` expanded, symbolic links resolved: how ``experiment.json`` stores and compares paths."""
+    return str(((Path.cwd() if base is None else Path(base)) / Path(path).expanduser()).resolve())
+
+
 def saved_experiment(folder: str | os.PathLike) -> dict:
     """The fields in ``<folder>/experiment.json``, as they apply to the run in ``folder`` now.
 
@@ -324,7 +335,7 @@ def saved_experiment(folder: str | os.PathLike) -> dict:
     ValueError
         The file names fields that :class:`Experiment` does not have.
     """
-    folder = Path(folder).expanduser().resolve()
+    folder = Path(absolute_path(folder))
     path = folder / "experiment.json"
     if not path.is_file():
         raise FileNotFoundError(f"{folder} holds no experiment.json: name the --out folder of a "
@@ -334,10 +345,10 @@ def saved_experiment(folder: str | os.PathLike) -> dict:
     if unknown:
         raise ValueError(f"{path} has fields {unknown} that this version's Experiment does not "
                          "know: re-run run_all.sh into that folder, or remove them.")
-    old_out = (folder / fields.get("out", folder)).resolve()  # an absolute path stays as it is
+    old_out = Path(absolute_path(fields.get("out", folder), folder))
     for key in ("figures", "images", "checkpoint"):
         if fields.get(key):
-            value = (folder / Path(fields[key]).expanduser()).resolve()
+            value = Path(absolute_path(fields[key], folder))
             if key == "figures" and value.is_relative_to(old_out):
                 value = folder / value.relative_to(old_out)
             fields[key] = str(value)
@@ -411,7 +422,7 @@ def check_saved_experiment(exp: Experiment) -> None:
         return
     saved, here = saved_experiment(exp.folder), dataclasses.asdict(exp)
     for key in ("images", "checkpoint"):  # as saved_experiment reads them
-        here[key] = here[key] and str(Path(here[key]).expanduser().resolve())
+        here[key] = here[key] and absolute_path(here[key])
     defaults = {f.name: f.default for f in dataclasses.fields(Experiment)
                 if f.default is not dataclasses.MISSING}
     differing = [f"{key}={here[key]!r} (experiment.json: {saved.get(key, defaults.get(key))!r})"
@@ -618,15 +629,7 @@ def train_usae(exp: Experiment, train_cache: cache_lib.Cache, *,
     """Train (or resume, or load) the USAE; its checkpoint is ``<out>/usae.safetensors``;
     ``progress`` None: :func:`progress_bars`."""
     progress = progress_bars() if progress is None else progress
-    dims = dict(zip(exp.names, train_cache.widths.values()))
-    model = core.USAE(dims, exp.n_concepts, exp.k, seed=exp.seed)
-    _standardize(model, *cache_statistics(exp, train_cache))
-    ckpt.train(model, batches_for(train_cache, exp.names, exp.batch_tokens, exp.seed, exp.device),
-               _steps(exp, train_cache, exp.epochs), seed=exp.seed, lr=exp.lr,
-               device=exp.device, progress=progress, log_every=50,
-               checkpoint_path=str(exp.folder / "usae.safetensors"), checkpoint_every=500,
-               **exp.train_options())
-    return model.eval()
+    return _train_one(exp, train_cache, None, progress=progress)
 
 
 def import_usae(exp: Experiment, train_cache: cache_lib.Cache) -> core.USAE:
@@ -640,24 +643,128 @@ def import_usae(exp: Experiment, train_cache: cache_lib.Cache) -> core.USAE:
 
 def train_independent(exp: Experiment, train_cache: cache_lib.Cache, *,
                       progress: bool | None = None) -> dict[str, core.USAE]:
-    """One ordinary TopK SAE per model, same core, same tokens, same sizes (section 4.4);
-    ``progress`` None: :func:`progress_bars`."""
+    """One ordinary TopK SAE per model, same core, same tokens, same sizes (section 4.4),
+    one after another; ``progress`` None: :func:`progress_bars`."""
     progress = progress_bars() if progress is None else progress
-    saes = {}
-    rename = _renamed(train_cache, exp.names)
-    statistics = cache_statistics(exp, train_cache)
-    for offset, (backbone_name, width) in enumerate(train_cache.widths.items()):
-        name = rename[backbone_name]
-        sae = core.USAE({name: width}, exp.n_concepts, exp.k, seed=exp.seed + 100 + offset)
-        _standardize(sae, *statistics)
-        loader = batches_for(train_cache, exp.names, exp.batch_tokens, exp.seed + offset,
-                             exp.device, keep=[name])
-        ckpt.train(sae, loader, _steps(exp, train_cache, exp.independent_epochs),
-                   seed=exp.seed + offset, lr=exp.lr, device=exp.device, progress=progress,
-                   log_every=50, checkpoint_path=str(exp.folder / f"sae_{name}.safetensors"),
-                   checkpoint_every=500, **exp.train_options())
-        saes[name] = sae.eval()
-    return saes
+    return {name: _train_one(exp, train_cache, name, progress=progress) for name in exp.names}
+
+
+def train_models(exp: Experiment, train_cache: cache_lib.Cache, *, workers: int | None = None,
+                 progress: bool | None = None) -> tuple[core.USAE, dict[str, core.USAE]]:
+    """The USAE (trained, or imported with ``exp.checkpoint``) and the independent SAEs.
+
+    On a CPU the training runs side by side, in ``workers`` processes (default: one per torch
+    thread, at most one per model to train), each on ``torch.get_num_threads() // workers``
+    threads: steps this small use a second thread poorly (on 2 cores a one-thread SAE steps
+    about 1.4x slower beside another than alone on both threads, so two of them together get
+    ~1.4x the work done; ``benchmarks/parallel_training.py``). Every run writes and resumes its own checkpoint
+    exactly as :func:`train_usae` and :func:`train_independent` do; the results differ from
+    theirs only by floating-point rounding (another thread count). On a GPU, or with
+    ``workers=1``, they run one after another in this process.
+    """
+    progress = progress_bars() if progress is None else progress
+    imported = import_usae(exp, train_cache) if exp.checkpoint else None
+    # None: the USAE. Longest first (the SAEs by width), so that no process idles at the end.
+    widths = dict(zip(exp.names, train_cache.widths.values()))
+    jobs = ([] if imported else [None]) + sorted(exp.names, key=lambda name: -widths[name])
+    budget = torch.get_num_threads()
+    if workers is None:
+        workers = 1 if exp.device != "cpu" else min(len(jobs), budget)
+    checks.require_positive_int(workers, "workers")
+    if workers == 1:
+        trained = {job: _train_one(exp, train_cache, job, progress=progress) for job in jobs}
+    else:
+        _train_side_by_side(exp, train_cache, jobs, workers, max(1, budget // workers), progress)
+        trained = {job: ckpt.load(_checkpoint_of(exp, job), device=exp.device).eval()
+                   for job in jobs}
+    model = imported if imported is not None else trained.pop(None)
+    return model, {name: trained[name] for name in exp.names}
+
+
+def _checkpoint_of(exp: Experiment, job: str | None) -> Path:
+    return exp.folder / ("usae.safetensors" if job is None else f"sae_{job}.safetensors")
+
+
+def _train_one(exp: Experiment, train_cache: cache_lib.Cache, job: str | None, *,
+               progress: bool, done: tuple[Any, int] | None = None) -> core.USAE:
+    """Train (or resume, or load) the USAE (``job`` None) or the independent SAE of model
+    ``job``; ``done``: (shared array, index) where the steps taken so far are counted."""
+    index = None if job is None else exp.names.index(job)
+    dims = {n: w for n, w in zip(exp.names, train_cache.widths.values()) if job in (None, n)}
+    model = core.USAE(dims, exp.n_concepts, exp.k,
+                      seed=exp.seed if index is None else exp.seed + 100 + index)
+    _standardize(model, *cache_statistics(exp, train_cache))
+    seed = exp.seed if index is None else exp.seed + index
+    batches = batches_for(train_cache, exp.names, exp.batch_tokens, seed, exp.device,
+                          keep=None if job is None else [job])
+    steps = _steps(exp, train_cache, exp.epochs if job is None else exp.independent_epochs)
+    ckpt.train(model, batches if done is None else _Counted(batches, *done), steps, seed=seed,
+               lr=exp.lr, device=exp.device, progress=progress, log_every=50,
+               checkpoint_path=str(_checkpoint_of(exp, job)), checkpoint_every=500,
+               **exp.train_options())
+    if done is not None:
+        done[0][done[1]] = steps
+    return model.eval()
+
+
+class _Counted:
+    """A seekable loader that counts the batches taken into ``done[index]`` (a shared array)."""
+
+    def __init__(self, batches, done, index: int):
+        self.batches, self.done, self.index = batches, done, index
+
+    def iter_from(self, step: int):
+        self.done[self.index] = step
+        for batch in self.batches.iter_from(step):
+            yield batch
+            self.done[self.index] += 1
+
+
+def _train_side_by_side(exp: Experiment, train_cache: cache_lib.Cache, jobs: list[str | None],
+                        workers: int, threads: int, progress: bool) -> None:
+    """Run :func:`_train_one` for every job in a pool of spawned processes; one progress bar
+    over all their steps. An error in a job, or an interrupt, stops every job (each keeps its
+    last checkpoint, and a re-run resumes it)."""
+    context = multiprocessing.get_context("spawn")  # forking a process that has run torch hangs
+    done = context.Array("q", len(jobs), lock=False)
+    total = sum(_steps(exp, train_cache, exp.epochs if job is None else exp.independent_epochs)
+                for job in jobs)
+    pool = context.Pool(workers, initializer=_start_worker, initargs=(done, threads))
+    try:
+        results = [pool.apply_async(_worker_job, (dataclasses.asdict(exp), str(train_cache.path),
+                                                  job, index))
+                   for index, job in enumerate(jobs)]
+        with tqdm(total=total, disable=not progress, desc=f"training ({workers} processes)",
+                  unit="step") as bar:
+            while not all(result.ready() for result in results):
+                for result in results:
+                    if result.ready():
+                        result.get()  # a job's error is raised here, at once
+                time.sleep(0.5)
+                bar.update(sum(done) - bar.n)
+            for result in results:
+                result.get()
+        pool.close()
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+_worker_done = None  # the shared step counters, in a worker process
+
+
+def _start_worker(done, threads: int) -> None:
+    global _worker_done
+    _worker_done = done
+    torch.set_num_threads(threads)
+    if sys.platform.startswith("linux"):  # die with the parent: a killed kernel leaves no job
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _worker_job(fields: dict, cache_path: str, job: str | None, index: int) -> None:
+    exp = Experiment(**fields)
+    train_cache = cache_lib.open_cache(cache_path, verify="size")  # the parent verified it
+    _train_one(exp, train_cache, job, progress=False, done=(_worker_done, index))
 
 
 def load_usae(exp: Experiment) -> core.USAE:

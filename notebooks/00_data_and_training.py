@@ -47,7 +47,7 @@ for name, (mean, std) in caches["train"].standardization.items():
     print(f"standardisation (train) of {name}: mean {mean:.4g}, std {std:.4g}")
 
 # %% [markdown]
-# ## The USAE
+# ## The USAE, and one independent SAE per model
 #
 # The `paper` preset follows the released code (L1 loss with its auxiliary term, raw random
 # dictionary rows, only the drawn model's encoder and decoder stepped) with the paper's
@@ -55,22 +55,19 @@ for name, (mean, std) in caches["train"].standardization.items():
 # which the released initialisation barely moves; its recipe (unit-norm initial rows, channel
 # centring, MSE) was chosen on a split of the training images — see the README. With a
 # `checkpoint` no USAE training step runs: the given USAE keeps its own n, k and standardisation.
+#
+# The independent SAEs (same core, same tokens, same sizes, one model each) are what section 4.4
+# compares the USAE's concepts with. On a CPU all of them train side by side, one process per
+# core, each resuming from its own checkpoint.
 
 # %%
+model, saes = pipeline.train_models(exp, caches["train"])
 if exp.checkpoint:
-    model = pipeline.import_usae(exp, caches["train"])
     how = f"imported from {exp.checkpoint} (not trained here)"
 else:
-    model = pipeline.train_usae(exp, caches["train"])
     steps = origin.training_history(exp.folder / "usae.safetensors")[-1]["step"]
     how = f"trained for {steps} steps"
 print(f"USAE over {model.dims} (widths), n={model.n_concepts}, k={model.k}: {how}")
-
-# %% [markdown]
-# ## Independent SAEs (one per model, for the consistency analysis)
-
-# %%
-saes = pipeline.train_independent(exp, caches["train"])
 for name, sae in saes.items():
     print(f"independent SAE of {name}: width {sae.dims[name]}, n={sae.n_concepts}, k={sae.k}")
 

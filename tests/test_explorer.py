@@ -114,6 +114,8 @@ def test_statistics_rows_equal_direct_computations(explorer, dense):
             assert row["energy"] == pytest.approx(dense[name][:, concept].double().mean().item())
             assert row["cofire_proportion"] == pytest.approx(both[:, concept].sum() / count
                                                              if count else 0.0)
+            others = [firing[n][:, concept].mean() for n in NAMES if n != name]
+            assert row["cofire_chance"] == pytest.approx(np.prod(others) if count else 0.0)
     assert explorer.concept_info(2)["energy_rank"] == 0
     assert explorer.concept_info(5)["firing_entropy"] == 0.0
     assert explorer.concept_info(2)["firing_entropy"] == pytest.approx(1.0)

@@ -265,3 +265,58 @@ def test_a_parameter_that_disagrees_with_the_run_it_names_is_refused(tmp_path):
 def test_progress_bars_unless_usae_progress_is_0():
     assert pipeline.progress_bars({}) and pipeline.progress_bars({"USAE_PROGRESS": "1"})
     assert not pipeline.progress_bars({"USAE_PROGRESS": "0"})
+
+
+# ----------------------------------------------------------------------------------------------
+# Training the USAE and the independent SAEs side by side
+
+
+def _tiny_run(folder: Path) -> tuple[pipeline.Experiment, object]:
+    exp = pipeline.Experiment(preset="synthetic", quick=True, out=str(folder), n_concepts=32,
+                              k=4, train_images=6, val_images=2, ood_images=2, epochs=2.0,
+                              independent_epochs=3.0)
+    return exp, pipeline.prepare_caches(exp, progress=False)["train"]
+
+
+def test_side_by_side_training_gives_what_one_after_another_gives(tmp_path):
+    """Spawned workers on one thread each train the same models, from the same seeds and
+    batches, as this process on one thread: the same weights and histories, to the bit."""
+    import torch
+
+    import usae_origin as origin
+
+    exp, cache = _tiny_run(tmp_path / "parallel")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # two workers on one thread each
+        model, saes = pipeline.train_models(exp, cache, workers=2, progress=False)
+        torch.set_num_threads(1)
+        alone, cache_alone = _tiny_run(tmp_path / "alone")
+        model_alone, saes_alone = pipeline.train_models(alone, cache_alone, workers=1,
+                                                        progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert list(saes) == list(saes_alone) == exp.names
+    for a, b in [(model, model_alone)] + [(saes[n], saes_alone[n]) for n in exp.names]:
+        assert a.state_dict().keys() == b.state_dict().keys()
+        assert all(torch.equal(a.state_dict()[key], b.state_dict()[key])
+                   for key in a.state_dict())
+    for name in ["usae.safetensors"] + [f"sae_{n}.safetensors" for n in exp.names]:
+        history = origin.training_history(exp.folder / name)
+        assert history == origin.training_history(alone.folder / name)
+        assert history[-1]["step"] == pipeline._steps(
+            exp, cache, exp.epochs if name == "usae.safetensors" else exp.independent_epochs)
+
+
+def test_a_failing_job_stops_side_by_side_training_with_its_own_error(tmp_path):
+    """A job that cannot take its checkpoint's lock (another process is training into it)
+    raises that error in the caller, naming the file; the other jobs' checkpoints resume."""
+    import usae_io
+
+    exp, cache = _tiny_run(tmp_path)
+    lock = exp.folder / f"sae_{exp.names[1]}.safetensors.lock"
+    with usae_io.exclusive(lock, "a test holding the lock"), \
+            pytest.raises(usae_io.BusyError, match=f"sae_{exp.names[1]}.safetensors"):
+        pipeline.train_models(exp, cache, workers=2, progress=False)
+    model, saes = pipeline.train_models(exp, cache, workers=2, progress=False)
+    assert sorted(saes) == sorted(exp.names)

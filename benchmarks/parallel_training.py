@@ -1,0 +1,54 @@
+"""Training the USAE and the independent SAEs one after another, or side by side (notebook 00).
+
+On the default run's training cache (``results/offline`` or ``--out``), trains the USAE and one
+SAE per model for ``--steps`` steps each, twice into temporary folders: one after another in
+this process on every torch thread (``workers=1``), then side by side in one process per thread
+(``usae_pipeline.train_models``' default on a CPU). Prints the wall time of each and the ratio;
+the two runs' weights differ by floating-point rounding only (tests/test_pipeline.py).
+
+    python benchmarks/parallel_training.py --out results/offline --steps 600
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import usae_cache  # noqa: E402
+import usae_pipeline as pipeline  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="results/offline", help="a finished run's folder")
+    parser.add_argument("--steps", type=int, default=600, help="steps per model")
+    args = parser.parse_args()
+    fields = json.loads((Path(args.out) / "experiment.json").read_text())
+    cache = usae_cache.open_cache(Path(args.out) / "caches" / "train")
+    epochs = args.steps * fields["batch_tokens"] / cache.n_tokens
+    threads = torch.get_num_threads()
+    print(f"{cache.path}: USAE + {len(cache.names)} SAEs, {args.steps} steps each, "
+          f"{threads} torch threads", flush=True)
+    rows = []
+    for label, workers in (("one after another", 1), ("side by side", None)):
+        with tempfile.TemporaryDirectory() as folder:
+            exp = pipeline.Experiment(**{**fields, "out": folder, "figures": folder,
+                                         "epochs": epochs, "independent_epochs": epochs})
+            start = time.perf_counter()
+            pipeline.train_models(exp, cache, workers=workers, progress=False)
+            rows.append((label, time.perf_counter() - start))
+        print(f"{label}: {rows[-1][1]:.1f} s", flush=True)
+    print("\n| how | processes × threads | wall time (s) | relative |\n|---|---|---|---|")
+    used = min(threads, len(cache.names) + 1)
+    for (label, seconds), shape in zip(rows, (f"1 × {threads}", f"{used} × {threads // used}")):
+        print(f"| {label} | {shape} | {seconds:.1f} | {seconds / rows[0][1]:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
