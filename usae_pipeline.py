@@ -651,34 +651,33 @@ def train_independent(exp: Experiment, train_cache: cache_lib.Cache, *,
 
 def train_models(exp: Experiment, train_cache: cache_lib.Cache, *, workers: int | None = None,
                  progress: bool | None = None) -> tuple[core.USAE, dict[str, core.USAE]]:
-    """The USAE (trained, or imported with ``exp.checkpoint``) and the independent SAEs.
+    """The USAE (trained, or imported with ``exp.checkpoint``), then the independent SAEs.
 
-    On a CPU the training runs side by side, in ``workers`` processes (default: one per torch
-    thread, at most one per model to train), each on ``torch.get_num_threads() // workers``
-    threads: steps this small use a second thread poorly (on 2 cores a one-thread SAE steps
-    about 1.4x slower beside another than alone on both threads, so two of them together get
-    ~1.4x the work done; ``benchmarks/parallel_training.py``). Every run writes and resumes its own checkpoint
-    exactly as :func:`train_usae` and :func:`train_independent` do; the results differ from
-    theirs only by floating-point rounding (another thread count). On a GPU, or with
-    ``workers=1``, they run one after another in this process.
+    The USAE trains in this process on every thread. On a CPU the SAEs then train side by side
+    in ``workers`` processes (default: one per torch thread, at most one per model), each on
+    its share of the threads among the SAEs still training (re-chosen every step, so the last
+    one uses them all): steps this small use a second thread poorly. On 2 cores two SAEs of
+    width 1280 side by side step in 78-93 ms each, against 59 ms alone on both threads
+    (``benchmarks/parallel_training.py``). The USAE stays alone: it reads every model's tokens
+    at each step and stepped 2.9x slower beside an SAE. Every model writes and resumes its own
+    checkpoint as :func:`train_usae` and :func:`train_independent` do, and on one thread per
+    process the SAEs are the same to the bit (another thread count changes the rounding). On a
+    GPU, or with ``workers=1``, the SAEs train one after another in this process.
     """
     progress = progress_bars() if progress is None else progress
-    imported = import_usae(exp, train_cache) if exp.checkpoint else None
-    # None: the USAE. Longest first (the SAEs by width), so that no process idles at the end.
+    model = import_usae(exp, train_cache) if exp.checkpoint else \
+        train_usae(exp, train_cache, progress=progress)
     widths = dict(zip(exp.names, train_cache.widths.values()))
-    jobs = ([] if imported else [None]) + sorted(exp.names, key=lambda name: -widths[name])
+    jobs = sorted(exp.names, key=lambda name: -widths[name])  # longest first: none idles at the end
     budget = torch.get_num_threads()
     if workers is None:
         workers = 1 if exp.device != "cpu" else min(len(jobs), budget)
     checks.require_positive_int(workers, "workers")
     if workers == 1:
-        trained = {job: _train_one(exp, train_cache, job, progress=progress) for job in jobs}
-    else:
-        _train_side_by_side(exp, train_cache, jobs, workers, max(1, budget // workers), progress)
-        trained = {job: ckpt.load(_checkpoint_of(exp, job), device=exp.device).eval()
-                   for job in jobs}
-    model = imported if imported is not None else trained.pop(None)
-    return model, {name: trained[name] for name in exp.names}
+        return model, train_independent(exp, train_cache, progress=progress)
+    _train_side_by_side(exp, train_cache, jobs, workers, budget, progress)
+    return model, {name: ckpt.load(_checkpoint_of(exp, name), device=exp.device).eval()
+                   for name in exp.names}
 
 
 def _checkpoint_of(exp: Experiment, job: str | None) -> Path:
@@ -686,9 +685,9 @@ def _checkpoint_of(exp: Experiment, job: str | None) -> Path:
 
 
 def _train_one(exp: Experiment, train_cache: cache_lib.Cache, job: str | None, *,
-               progress: bool, done: tuple[Any, int] | None = None) -> core.USAE:
+               progress: bool, counted: tuple | None = None) -> core.USAE:
     """Train (or resume, or load) the USAE (``job`` None) or the independent SAE of model
-    ``job``; ``done``: (shared array, index) where the steps taken so far are counted."""
+    ``job``; ``counted``: the arguments of :class:`_Counted` after the loader."""
     index = None if job is None else exp.names.index(job)
     dims = {n: w for n, w in zip(exp.names, train_cache.widths.values()) if job in (None, n)}
     model = core.USAE(dims, exp.n_concepts, exp.k,
@@ -698,44 +697,48 @@ def _train_one(exp: Experiment, train_cache: cache_lib.Cache, job: str | None, *
     batches = batches_for(train_cache, exp.names, exp.batch_tokens, seed, exp.device,
                           keep=None if job is None else [job])
     steps = _steps(exp, train_cache, exp.epochs if job is None else exp.independent_epochs)
-    ckpt.train(model, batches if done is None else _Counted(batches, *done), steps, seed=seed,
+    ckpt.train(model, batches if counted is None else _Counted(batches, *counted), steps, seed=seed,
                lr=exp.lr, device=exp.device, progress=progress, log_every=50,
                checkpoint_path=str(_checkpoint_of(exp, job)), checkpoint_every=500,
                **exp.train_options())
-    if done is not None:
-        done[0][done[1]] = steps
+    if counted is not None:
+        counted[0][counted[1]] = steps
     return model.eval()
 
 
 class _Counted:
-    """A seekable loader that counts the batches taken into ``done[index]`` (a shared array)."""
+    """A seekable loader that counts the batches taken into ``done[index]`` and, before each,
+    sets this process's torch threads to its share of ``budget`` among the ``running`` jobs."""
 
-    def __init__(self, batches, done, index: int):
+    def __init__(self, batches, done, index: int, running, budget: int):
         self.batches, self.done, self.index = batches, done, index
+        self.running, self.budget = running, budget
 
     def iter_from(self, step: int):
         self.done[self.index] = step
         for batch in self.batches.iter_from(step):
+            share = max(1, self.budget // max(1, self.running.value))
+            if share != torch.get_num_threads():
+                torch.set_num_threads(share)
             yield batch
             self.done[self.index] += 1
 
 
-def _train_side_by_side(exp: Experiment, train_cache: cache_lib.Cache, jobs: list[str | None],
-                        workers: int, threads: int, progress: bool) -> None:
-    """Run :func:`_train_one` for every job in a pool of spawned processes; one progress bar
-    over all their steps. An error in a job, or an interrupt, stops every job (each keeps its
-    last checkpoint, and a re-run resumes it)."""
+def _train_side_by_side(exp: Experiment, train_cache: cache_lib.Cache, jobs: list[str],
+                        workers: int, budget: int, progress: bool) -> None:
+    """Train the independent SAE of every model in ``jobs`` in a pool of spawned processes;
+    one progress bar over all their steps. An error in a job, or an interrupt, stops every job
+    (each keeps its last checkpoint, and a re-run resumes it)."""
     context = multiprocessing.get_context("spawn")  # forking a process that has run torch hangs
-    done = context.Array("q", len(jobs), lock=False)
-    total = sum(_steps(exp, train_cache, exp.epochs if job is None else exp.independent_epochs)
-                for job in jobs)
-    pool = context.Pool(workers, initializer=_start_worker, initargs=(done, threads))
+    done, running = context.Array("q", len(jobs), lock=False), context.Value("i", 0)
+    total = sum(_steps(exp, train_cache, exp.independent_epochs) for _ in jobs)
+    pool = context.Pool(workers, initializer=_start_worker, initargs=(done, running, budget))
     try:
         results = [pool.apply_async(_worker_job, (dataclasses.asdict(exp), str(train_cache.path),
                                                   job, index))
                    for index, job in enumerate(jobs)]
-        with tqdm(total=total, disable=not progress, desc=f"training ({workers} processes)",
-                  unit="step") as bar:
+        with tqdm(total=total, disable=not progress, desc=f"independent SAEs ({workers} "
+                  "processes)", unit="step") as bar:
             while not all(result.ready() for result in results):
                 for result in results:
                     if result.ready():
@@ -750,21 +753,27 @@ def _train_side_by_side(exp: Experiment, train_cache: cache_lib.Cache, jobs: lis
         pool.join()
 
 
-_worker_done = None  # the shared step counters, in a worker process
+_worker = {}  # in a worker process: the shared step counters, running-job count, thread budget
 
 
-def _start_worker(done, threads: int) -> None:
-    global _worker_done
-    _worker_done = done
-    torch.set_num_threads(threads)
+def _start_worker(done, running, budget: int) -> None:
+    _worker.update(done=done, running=running, budget=budget)
     if sys.platform.startswith("linux"):  # die with the parent: a killed kernel leaves no job
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def _worker_job(fields: dict, cache_path: str, job: str | None, index: int) -> None:
+def _worker_job(fields: dict, cache_path: str, job: str, index: int) -> None:
     exp = Experiment(**fields)
     train_cache = cache_lib.open_cache(cache_path, verify="size")  # the parent verified it
-    _train_one(exp, train_cache, job, progress=False, done=(_worker_done, index))
+    running = _worker["running"]
+    with running.get_lock():
+        running.value += 1
+    try:
+        _train_one(exp, train_cache, job, progress=False,
+                   counted=(_worker["done"], index, running, _worker["budget"]))
+    finally:
+        with running.get_lock():
+            running.value -= 1
 
 
 def load_usae(exp: Experiment) -> core.USAE:

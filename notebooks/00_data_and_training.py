@@ -57,8 +57,8 @@ for name, (mean, std) in caches["train"].standardization.items():
 # `checkpoint` no USAE training step runs: the given USAE keeps its own n, k and standardisation.
 #
 # The independent SAEs (same core, same tokens, same sizes, one model each) are what section 4.4
-# compares the USAE's concepts with. On a CPU all of them train side by side, one process per
-# core, each resuming from its own checkpoint.
+# compares the USAE's concepts with. On a CPU they train after the USAE, side by side, one
+# process per core; every model resumes from its own checkpoint.
 
 # %%
 model, saes = pipeline.train_models(exp, caches["train"])

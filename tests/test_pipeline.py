@@ -279,19 +279,18 @@ def _tiny_run(folder: Path) -> tuple[pipeline.Experiment, object]:
 
 
 def test_side_by_side_training_gives_what_one_after_another_gives(tmp_path):
-    """Spawned workers on one thread each train the same models, from the same seeds and
+    """Spawned workers on one thread each train the same SAEs, from the same seeds and
     batches, as this process on one thread: the same weights and histories, to the bit."""
     import torch
 
     import usae_origin as origin
 
     exp, cache = _tiny_run(tmp_path / "parallel")
+    alone, cache_alone = _tiny_run(tmp_path / "alone")
     threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(2)  # two workers on one thread each
+        torch.set_num_threads(1)  # a budget of one thread: one per worker
         model, saes = pipeline.train_models(exp, cache, workers=2, progress=False)
-        torch.set_num_threads(1)
-        alone, cache_alone = _tiny_run(tmp_path / "alone")
         model_alone, saes_alone = pipeline.train_models(alone, cache_alone, workers=1,
                                                         progress=False)
     finally:
@@ -309,8 +308,8 @@ def test_side_by_side_training_gives_what_one_after_another_gives(tmp_path):
 
 
 def test_a_failing_job_stops_side_by_side_training_with_its_own_error(tmp_path):
-    """A job that cannot take its checkpoint's lock (another process is training into it)
-    raises that error in the caller, naming the file; the other jobs' checkpoints resume."""
+    """An SAE that cannot take its checkpoint's lock (another process is training into it)
+    raises that error in the caller, naming the file; a re-run finishes every model."""
     import usae_io
 
     exp, cache = _tiny_run(tmp_path)
@@ -319,4 +318,60 @@ def test_a_failing_job_stops_side_by_side_training_with_its_own_error(tmp_path):
             pytest.raises(usae_io.BusyError, match=f"sae_{exp.names[1]}.safetensors"):
         pipeline.train_models(exp, cache, workers=2, progress=False)
     model, saes = pipeline.train_models(exp, cache, workers=2, progress=False)
+    assert sorted(saes) == sorted(exp.names)
+
+
+def _processes() -> dict[int, tuple[str, int]]:
+    """Every process: pid -> (state, parent pid), from Linux's /proc."""
+    table = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, parent = stat.read_text().rsplit(")", 1)[1].split()[:2]
+        except OSError:  # it exited while we looked
+            continue
+        table[int(stat.parent.name)] = state, int(parent)
+    return table
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux's /proc")
+def test_a_killed_caller_leaves_no_training_process_and_a_rerun_resumes(tmp_path):
+    """SIGKILL of the process that trains side by side (a kernel killed mid-training) takes its
+    workers with it, so no orphan keeps training or holds a checkpoint's lock; a re-run
+    finishes every model."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import usae_origin as origin
+
+    options = dict(preset="synthetic", quick=True, out=str(tmp_path), n_concepts=32, k=4,
+                   train_images=6, val_images=2, ood_images=2, epochs=2.0,
+                   independent_epochs=600.0)
+    script = ("import usae_pipeline as p\n"
+              f"exp = p.Experiment(**{options!r})\n"
+              "p.train_models(exp, p.prepare_caches(exp, progress=False)['train'], workers=2,"
+              " progress=False)\n")
+    caller = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob("sae_*.safetensors")):  # the SAEs' processes are training
+            assert caller.poll() is None and time.monotonic() < deadline, "training never began"
+            time.sleep(0.2)
+        workers = [pid for pid, (state, parent) in _processes().items()
+                   if parent == caller.pid and state != "Z"]
+        assert len(workers) >= 2  # the two workers (and multiprocessing's resource tracker)
+    finally:
+        caller.send_signal(signal.SIGKILL)
+        caller.wait()
+    deadline = time.monotonic() + 30
+    while any(_processes().get(pid, ("Z",))[0] != "Z" for pid in workers):  # gone, or a zombie
+        assert time.monotonic() < deadline, "a training process outlived its killed caller"
+        time.sleep(0.2)
+    exp = pipeline.Experiment(**options)
+    model, saes = pipeline.train_models(exp, pipeline.prepare_caches(exp, progress=False)["train"],
+                                        workers=2, progress=False)
+    steps = origin.training_history(tmp_path / f"sae_{exp.names[0]}.safetensors")[-1]["step"]
+    assert steps == pipeline._steps(exp, pipeline.open_caches(exp)["train"],
+                                    exp.independent_epochs)
     assert sorted(saes) == sorted(exp.names)
