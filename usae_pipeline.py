@@ -646,7 +646,9 @@ def train_independent(exp: Experiment, train_cache: cache_lib.Cache, *,
     """One ordinary TopK SAE per model, same core, same tokens, same sizes (section 4.4),
     one after another; ``progress`` None: :func:`progress_bars`."""
     progress = progress_bars() if progress is None else progress
-    return {name: _train_one(exp, train_cache, name, progress=progress) for name in exp.names}
+    statistics = cache_statistics(exp, train_cache)  # a pass over the sample: once for all
+    return {name: _train_one(exp, train_cache, name, progress=progress, statistics=statistics)
+            for name in exp.names}
 
 
 def train_models(exp: Experiment, train_cache: cache_lib.Cache, *, workers: int | None = None,
@@ -676,8 +678,7 @@ def train_models(exp: Experiment, train_cache: cache_lib.Cache, *, workers: int 
     if workers == 1:
         return model, train_independent(exp, train_cache, progress=progress)
     _train_side_by_side(exp, train_cache, jobs, workers, budget, progress)
-    return model, {name: ckpt.load(_checkpoint_of(exp, name), device=exp.device).eval()
-                   for name in exp.names}
+    return model, {name: sae.eval() for name, sae in load_independent(exp).items()}
 
 
 def _checkpoint_of(exp: Experiment, job: str | None) -> Path:
@@ -685,14 +686,16 @@ def _checkpoint_of(exp: Experiment, job: str | None) -> Path:
 
 
 def _train_one(exp: Experiment, train_cache: cache_lib.Cache, job: str | None, *,
-               progress: bool, counted: tuple | None = None) -> core.USAE:
+               progress: bool, statistics: tuple | None = None,
+               counted: tuple | None = None) -> core.USAE:
     """Train (or resume, or load) the USAE (``job`` None) or the independent SAE of model
-    ``job``; ``counted``: the arguments of :class:`_Counted` after the loader."""
+    ``job``; ``statistics``: :func:`cache_statistics` when already read; ``counted``: the
+    arguments of :class:`_Counted` after the loader."""
     index = None if job is None else exp.names.index(job)
     dims = {n: w for n, w in zip(exp.names, train_cache.widths.values()) if job in (None, n)}
     model = core.USAE(dims, exp.n_concepts, exp.k,
                       seed=exp.seed if index is None else exp.seed + 100 + index)
-    _standardize(model, *cache_statistics(exp, train_cache))
+    _standardize(model, *(statistics or cache_statistics(exp, train_cache)))
     seed = exp.seed if index is None else exp.seed + index
     batches = batches_for(train_cache, exp.names, exp.batch_tokens, seed, exp.device,
                           keep=None if job is None else [job])
@@ -777,7 +780,7 @@ def _worker_job(fields: dict, cache_path: str, job: str, index: int) -> None:
 
 
 def load_usae(exp: Experiment) -> core.USAE:
-    path = exp.folder / "usae.safetensors"
+    path = _checkpoint_of(exp, None)
     if not path.is_file():
         raise FileNotFoundError(f"no USAE at {path}: run notebook 00 first.")
     return ckpt.load(path, device=exp.device)
@@ -806,8 +809,7 @@ def open_run(experiment: Mapping[str, Any] | None = None) -> Run:
 
 
 def load_independent(exp: Experiment) -> dict[str, core.USAE]:
-    return {name: ckpt.load(exp.folder / f"sae_{name}.safetensors", device=exp.device)
-            for name in exp.names}
+    return {name: ckpt.load(_checkpoint_of(exp, name), device=exp.device) for name in exp.names}
 
 
 # ----------------------------------------------------------------------------------------------
