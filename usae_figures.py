@@ -283,8 +283,9 @@ def consistency_histograms(cosines: Mapping[str, Sequence[float]],
                 color="grey")
         ax.hist(values, bins=40, range=(-0.2, 1), alpha=0.7, label="USAE vs independent")
         ax.axvline(0.5, color="black", ls=":", lw=1)
-        share = float(np.mean(np.asarray(values) > 0.5))
-        wrapped_title(ax, f"{name}: {share:.0%} of concepts with cosine > 0.5")
+        share, chance = (float(np.mean(np.asarray(v) > 0.5)) for v in (values, baseline[name]))
+        wrapped_title(ax, f"{name}: {share:.0%} of concepts with cosine > 0.5 "
+                          f"(random {chance:.0%})")
         ax.set_xlabel("matched cosine")
         ax.legend(fontsize=7)
     fig.suptitle(wrap(title, fig.get_figwidth(), 9), fontsize=9)
