@@ -657,8 +657,10 @@ def train_models(exp: Experiment, train_cache: cache_lib.Cache, *, workers: int 
 
     The USAE trains in this process on every thread. On a CPU the SAEs then train side by side
     in ``workers`` processes (default: one per torch thread, at most one per model), each on
-    its share of the threads among the SAEs still training (re-chosen every step, so the last
-    one uses them all): steps this small use a second thread poorly. On 2 cores two SAEs of
+    ``torch.get_num_threads() // workers`` threads: steps this small use a second thread
+    poorly. The share is fixed, not re-chosen as jobs finish: a thread count that changed at a
+    timing-dependent step would change the rounding, and a seed would no longer reproduce
+    the run. On 2 cores two SAEs of
     width 1280 side by side step in 78-93 ms each, against 59 ms alone on both threads
     (``benchmarks/parallel_training.py``). The USAE stays alone: it reads every model's tokens
     at each step and stepped 2.9x slower beside an SAE. Every model writes and resumes its own
@@ -677,7 +679,7 @@ def train_models(exp: Experiment, train_cache: cache_lib.Cache, *, workers: int 
     checks.require_positive_int(workers, "workers")
     if workers == 1:
         return model, train_independent(exp, train_cache, progress=progress)
-    _train_side_by_side(exp, train_cache, jobs, workers, budget, progress)
+    _train_side_by_side(exp, train_cache, jobs, workers, max(1, budget // workers), progress)
     return model, {name: sae.eval() for name, sae in load_independent(exp).items()}
 
 
@@ -710,32 +712,27 @@ def _train_one(exp: Experiment, train_cache: cache_lib.Cache, job: str | None, *
 
 
 class _Counted:
-    """A seekable loader that counts the batches taken into ``done[index]`` and, before each,
-    sets this process's torch threads to its share of ``budget`` among the ``running`` jobs."""
+    """A seekable loader that counts the batches taken into ``done[index]`` (a shared array)."""
 
-    def __init__(self, batches, done, index: int, running, budget: int):
+    def __init__(self, batches, done, index: int):
         self.batches, self.done, self.index = batches, done, index
-        self.running, self.budget = running, budget
 
     def iter_from(self, step: int):
         self.done[self.index] = step
         for batch in self.batches.iter_from(step):
-            share = max(1, self.budget // max(1, self.running.value))
-            if share != torch.get_num_threads():
-                torch.set_num_threads(share)
             yield batch
             self.done[self.index] += 1
 
 
 def _train_side_by_side(exp: Experiment, train_cache: cache_lib.Cache, jobs: list[str],
-                        workers: int, budget: int, progress: bool) -> None:
+                        workers: int, threads: int, progress: bool) -> None:
     """Train the independent SAE of every model in ``jobs`` in a pool of spawned processes;
     one progress bar over all their steps. An error in a job, or an interrupt, stops every job
     (each keeps its last checkpoint, and a re-run resumes it)."""
     context = multiprocessing.get_context("spawn")  # forking a process that has run torch hangs
-    done, running = context.Array("q", len(jobs), lock=False), context.Value("i", 0)
+    done = context.Array("q", len(jobs), lock=False)
     total = sum(_steps(exp, train_cache, exp.independent_epochs) for _ in jobs)
-    pool = context.Pool(workers, initializer=_start_worker, initargs=(done, running, budget))
+    pool = context.Pool(workers, initializer=_start_worker, initargs=(done, threads))
     try:
         results = [pool.apply_async(_worker_job, (dataclasses.asdict(exp), str(train_cache.path),
                                                   job, index))
@@ -756,11 +753,13 @@ def _train_side_by_side(exp: Experiment, train_cache: cache_lib.Cache, jobs: lis
         pool.join()
 
 
-_worker = {}  # in a worker process: the shared step counters, running-job count, thread budget
+_worker_done = None  # in a worker process: the shared step counters
 
 
-def _start_worker(done, running, budget: int) -> None:
-    _worker.update(done=done, running=running, budget=budget)
+def _start_worker(done, threads: int) -> None:
+    global _worker_done
+    _worker_done = done
+    torch.set_num_threads(threads)
     if sys.platform.startswith("linux"):  # die with the parent: a killed kernel leaves no job
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
@@ -768,15 +767,7 @@ def _start_worker(done, running, budget: int) -> None:
 def _worker_job(fields: dict, cache_path: str, job: str, index: int) -> None:
     exp = Experiment(**fields)
     train_cache = cache_lib.open_cache(cache_path, verify="size")  # the parent verified it
-    running = _worker["running"]
-    with running.get_lock():
-        running.value += 1
-    try:
-        _train_one(exp, train_cache, job, progress=False,
-                   counted=(_worker["done"], index, running, _worker["budget"]))
-    finally:
-        with running.get_lock():
-            running.value -= 1
+    _train_one(exp, train_cache, job, progress=False, counted=(_worker_done, index))
 
 
 def load_usae(exp: Experiment) -> core.USAE:
