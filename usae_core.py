@@ -120,9 +120,9 @@ class USAE(nn.Module):
         return stats
 
     def standardize(self, name: str, acts: Tensor) -> Tensor:
-        pair = self.pairs[name]
-        return (acts - pair.act_mean.float() - pair.channel_offset) / (pair.act_std.float()
-                                                                        + STD_EPS)
+        pair = self.pairs[name]  # one shift of d values, then two passes over the tokens
+        shift = pair.act_mean.float() + pair.channel_offset
+        return (acts - shift).div_(pair.act_std.float() + STD_EPS)
 
     def unstandardize(self, name: str, acts: Tensor) -> Tensor:
         pair = self.pairs[name]

@@ -104,6 +104,9 @@ class TokenLoader:
         A cache, or a folder for :func:`usae_cache.open_cache`.
     config : LoaderConfig, optional
         Batch size, seed, device and the rest; the defaults when omitted.
+    names : sequence of str, optional
+        The cache's models to read (default: all). The row order does not depend on them: an
+        independent SAE reads only its model's columns, in the order the USAE reads all of them.
 
     Examples
     --------
@@ -112,22 +115,23 @@ class TokenLoader:
     """
 
     def __init__(self, cache: Cache | str | os.PathLike,
-                 config: LoaderConfig | None = None) -> None:
+                 config: LoaderConfig | None = None, names: Sequence[str] | None = None) -> None:
         config = LoaderConfig() if config is None else config
         if not isinstance(config, LoaderConfig):
             raise TypeError(f"config must be a LoaderConfig, got {config!r}; e.g. "
                             "TokenLoader(cache, LoaderConfig(batch_size=1024, seed=0)).")
         self.cache = cache if isinstance(cache, Cache) else open_cache(cache)
+        self.names = list(self.cache.names if names is None else names)
+        unknown = sorted(set(self.names) - set(self.cache.names))
+        if unknown or not self.names:
+            raise ValueError(f"names must be some of the cache's models {self.cache.names}, got "
+                             f"{list(names)!r}.")
         self.config = config
         self.device = torch.device(config.device)
         self.n_rows = self.cache.n_tokens
         self.n_chunks = -(-self.n_rows // config.chunk_rows)
         self.rows_read = 0  # rows read from the cache (per model), for tests and benchmarks
         self.largest_read = 0  # most rows of one array read at once
-
-    @property
-    def names(self) -> list[str]:
-        return self.cache.names
 
     @property
     def batches_per_epoch(self) -> float:
@@ -163,7 +167,8 @@ class TokenLoader:
                  for c in chunks.tolist()]
         total = sum(b - a for a, b in spans)
         data = {}
-        for name, array in self.cache.arrays.items():
+        for name in self.names:
+            array = self.cache.arrays[name]
             buffer = np.empty((total, array.shape[1]), dtype=array.dtype)
             at = 0
             for a, b in spans:

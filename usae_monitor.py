@@ -32,6 +32,15 @@ def dictionary_cosine_to_init(model: core.USAE,
             for name in model.names}
 
 
+def released_variance(target: Tensor, offset: Tensor) -> Tensor:
+    """The variance over every entry of ``target + offset`` (tokens x d, plus a per-channel
+    offset: the batch in the released, scalar frame), in two passes without a temporary."""
+    channel_means = target.mean(dim=0)
+    second_moment = torch.linalg.vector_norm(target).square() / target.numel()
+    return (second_moment + 2 * (offset * channel_means).mean() + offset.square().mean()
+            - (channel_means + offset).mean().square())
+
+
 class TrainingMonitor:
     """``on_step`` hook of :func:`usae_core.train` that writes the run's history rows."""
 
@@ -52,11 +61,13 @@ class TrainingMonitor:
             self._reset(model)
             sums = self._sums
         row = model.names.index(output.source)
+        # The mse loss is the error already: a pass over the residuals saved per target.
+        errors = dict(zip(output.targets, output.losses)) if trainer.config.loss == "mse" else {
+            name: F.mse_loss(output.recons[name], target)
+            for name, target in output.targets.items()}
         for column, name in enumerate(model.names):
-            target = output.targets[name]
-            error = F.mse_loss(output.recons[name], target)  # fused: no residual tensor
-            variance = (target + model.scalar_frame_offset(name)).var(unbiased=False)
-            sums["r2"][row, column] += 1 - error / (variance + 1e-6)
+            variance = released_variance(output.targets[name], model.scalar_frame_offset(name))
+            sums["r2"][row, column] += 1 - errors[name] / (variance + 1e-6)
         sums["loss"] += output.losses
         sums["source_steps"][row] += 1
         encoding = output.encoding

@@ -581,14 +581,14 @@ def batches_for(cache: cache_lib.Cache, names: list[str], batch_tokens: int, see
                 device: str, keep: list[str] | None = None):
     """A seekable loader whose batches use the USAE's model names (only ``keep``'s, if given)."""
     config = loader_lib.LoaderConfig(batch_size=batch_tokens, seed=seed, device=device)
-    loader = loader_lib.TokenLoader(cache, config)
     rename = _renamed(cache, names)
     kept = set(names if keep is None else keep)
+    loader = loader_lib.TokenLoader(cache, config, [c for c in cache.names if rename[c] in kept])
 
     class Renamed:
         def iter_from(self, step):
             for batch in loader.iter_from(step):
-                yield {rename[k]: v for k, v in batch.items() if rename[k] in kept}
+                yield {rename[k]: v for k, v in batch.items()}
 
     return Renamed()
 
@@ -656,17 +656,17 @@ def train_models(exp: Experiment, train_cache: cache_lib.Cache, *, workers: int 
     """The USAE (trained, or imported with ``exp.checkpoint``), then the independent SAEs.
 
     The USAE trains in this process on every thread. On a CPU the SAEs then train side by side
-    in ``workers`` processes (default: one per torch thread, at most one per model), each on
-    ``torch.get_num_threads() // workers`` threads: steps this small use a second thread
-    poorly. The share is fixed, not re-chosen as jobs finish: a thread count that changed at a
-    timing-dependent step would change the rounding, and a seed would no longer reproduce
-    the run. On 2 cores two SAEs of
-    width 1280 side by side step in 78-93 ms each, against 59 ms alone on both threads
-    (``benchmarks/parallel_training.py``). The USAE stays alone: it reads every model's tokens
-    at each step and stepped 2.9x slower beside an SAE. Every model writes and resumes its own
-    checkpoint as :func:`train_usae` and :func:`train_independent` do, and on one thread per
-    process the SAEs are the same to the bit (another thread count changes the rounding). On a
-    GPU, or with ``workers=1``, the SAEs train one after another in this process.
+    in ``workers`` processes (default: one per model), each on ``torch.get_num_threads() //
+    workers`` threads (at least one): steps this small use a second thread poorly, and on 2
+    cores three one-thread processes finished the three SAEs in 0.80 of the time one after
+    another took, two in 0.83 (``benchmarks/parallel_training.py``). The share is fixed, not
+    re-chosen as jobs finish: a thread count that changed at a timing-dependent step would
+    change the rounding, and a seed would no longer reproduce the run. The USAE stays alone: it
+    reads every model's tokens at each step and stepped 2.9x slower beside an SAE. Every model
+    writes and resumes its own checkpoint as :func:`train_usae` and :func:`train_independent`
+    do, and on one thread per process the SAEs are the same to the bit (another thread count
+    changes the rounding). On a GPU, or with ``workers=1``, the SAEs train one after another in
+    this process.
     """
     progress = progress_bars() if progress is None else progress
     model = import_usae(exp, train_cache) if exp.checkpoint else \
@@ -675,7 +675,7 @@ def train_models(exp: Experiment, train_cache: cache_lib.Cache, *, workers: int 
     jobs = sorted(exp.names, key=lambda name: -widths[name])  # longest first: none idles at the end
     budget = torch.get_num_threads()
     if workers is None:
-        workers = 1 if exp.device != "cpu" else min(len(jobs), budget)
+        workers = 1 if exp.device != "cpu" else len(jobs)
     checks.require_positive_int(workers, "workers")
     if workers == 1:
         return model, train_independent(exp, train_cache, progress=progress)

@@ -2,11 +2,12 @@
 
 On the default run's training cache (``results/offline`` or ``--out``), trains one SAE per
 model for ``--steps`` steps each (and the USAE, which ``usae_pipeline.train_models`` trains
-alone first, for one step), twice into temporary folders: one after another in this process on
-every torch thread (``workers=1``), then side by side in one process per thread (the default on
-a CPU). Prints the wall time of each and the ratio; the weights differ by floating-point
-rounding only (tests/test_pipeline.py). Start-up (spawning, imports, statistics) is included,
-so short runs understate the gain.
+alone first, for one step) into temporary folders: one after another in this process on every
+torch thread (``workers=1``), then side by side in one process per torch thread, then in one
+process per model (each on ``threads // workers`` threads, at least 1). Prints the wall time of
+each and its ratio to the first; the weights differ by floating-point rounding only
+(tests/test_pipeline.py). Start-up (spawning, imports, statistics) is included, so short runs
+understate the gain.
 
     python benchmarks/parallel_training.py --out results/offline --steps 600
 """
@@ -38,7 +39,10 @@ def main() -> None:
     print(f"{cache.path}: {len(cache.names)} SAEs, {args.steps} steps each, "
           f"{threads} torch threads", flush=True)
     rows = []
-    for label, workers in (("one after another", 1), ("side by side", None)):
+    models = len(cache.names)
+    plans = {"one after another": 1, "one process per thread": min(threads, models),
+             "one process per model": models}
+    for label, workers in plans.items():
         with tempfile.TemporaryDirectory() as folder:
             exp = pipeline.Experiment(**{**fields, "out": folder, "figures": folder,
                                          "epochs": fields["batch_tokens"] / cache.n_tokens,
@@ -48,8 +52,8 @@ def main() -> None:
             rows.append((label, time.perf_counter() - start))
         print(f"{label}: {rows[-1][1]:.1f} s", flush=True)
     print("\n| how | processes × threads | wall time (s) | relative |\n|---|---|---|---|")
-    used = min(threads, len(cache.names))
-    for (label, seconds), shape in zip(rows, (f"1 × {threads}", f"{used} × {threads // used}")):
+    for (label, seconds), workers in zip(rows, plans.values()):
+        shape = f"{workers} × {threads if workers == 1 else max(1, threads // workers)}"
         print(f"| {label} | {shape} | {seconds:.1f} | {seconds / rows[0][1]:.2f} |")
 
 

@@ -58,7 +58,7 @@ for name, (mean, std) in caches["train"].standardization.items():
 #
 # The independent SAEs (same core, same tokens, same sizes, one model each) are what section 4.4
 # compares the USAE's concepts with. On a CPU they train after the USAE, side by side, one
-# process per core; every model resumes from its own checkpoint.
+# process per model; every model resumes from its own checkpoint.
 
 # %%
 model, saes = pipeline.train_models(exp, caches["train"])

@@ -58,6 +58,12 @@ def test_loader_aligned_and_seeded(tmp_path):
     assert all(torch.equal(x[n], y[n]) for x, y in zip(batches, again) for n in x)
     other = take(TokenLoader(cache, dataclasses.replace(config, seed=4)), 3)
     assert not torch.equal(other[0]["alpha"], batches[0]["alpha"])
+    # A subset of the models reads only their columns, in the same row order.
+    beta = take(TokenLoader(cache, config, ["beta"]), 30)
+    assert all(set(b) == {"beta"} and torch.equal(b["beta"], full["beta"])
+               for b, full in zip(beta, batches))
+    with pytest.raises(ValueError, match="names must be some of the cache's models"):
+        TokenLoader(cache, config, ["gamma"])
 
 
 # 5,880 rows: the batch divides them, does not, is larger than an epoch

@@ -27,22 +27,42 @@ def test_history_rows_measure_what_training_did():
     assert last["loss"] < first["loss"]
 
 
-def test_rows_match_a_plain_recomputation_of_the_same_steps():
+@pytest.mark.parametrize("loss", ["l1_aux", "mse"])
+def test_rows_match_a_plain_recomputation_of_the_same_steps(loss):
     outputs = []
 
     def keep(trainer, output):
-        outputs.append((output.source, output.losses.clone(), trainer.lr("a")))
+        model = trainer.model
+        r2 = {name: (1 - (output.recons[name] - target).square().mean()
+                     / ((target + model.scalar_frame_offset(name)).var(unbiased=False) + 1e-6)
+                     ).item() for name, target in output.targets.items()}
+        outputs.append((output.source, output.losses.clone(), trainer.lr("a"), r2))
         watcher(trainer, output)
 
     watcher = monitor.TrainingMonitor()
-    result = core.train(core.USAE(DIMS, 16, 3, seed=0), tiny_batches(4), 7, seed=0,
-                        progress=False, log_every=4, on_step=keep)
+    model = core.USAE(DIMS, 16, 3, seed=0)
+    # Channel centring makes the released frame differ from the trained one by an offset.
+    model.fit_standardization(tiny_batches(1, tokens=64)[0], centre_channels=True)
+    result = core.train(model, tiny_batches(4), 7, seed=0, loss=loss, progress=False,
+                        log_every=4, on_step=keep)
     assert [row["step"] for row in result.history] == [4, 7]  # and the last step
     for row, chunk in zip(result.history, (outputs[:4], outputs[4:])):
-        losses = torch.stack([losses for _, losses, _ in chunk]).mean(dim=0)
+        losses = torch.stack([losses for _, losses, _, _ in chunk]).mean(dim=0)
         assert row["loss_by_target"] == pytest.approx(dict(zip(DIMS, losses.tolist())))
-        assert row["steps_by_source"] == {n: sum(s == n for s, _, _ in chunk) for n in DIMS}
+        assert row["steps_by_source"] == {n: sum(s == n for s, *_ in chunk) for n in DIMS}
         assert row["lr"]["a"] == chunk[-1][2]
+        for source, targets in row["r2"].items():
+            steps = [r2 for s, _, _, r2 in chunk if s == source]
+            assert targets == pytest.approx({t: np.mean([r2[t] for r2 in steps]) for t in DIMS},
+                                            abs=1e-5)
+
+
+def test_released_variance_is_the_variance_of_the_offset_batch():
+    generator = torch.Generator().manual_seed(0)
+    target = torch.randn(300, 7, generator=generator) * 3 + 0.5
+    offset = torch.randn(7, generator=generator)
+    assert monitor.released_variance(target, offset).item() == pytest.approx(
+        (target + offset).double().var(unbiased=False).item(), rel=1e-5)
 
 
 def test_dictionary_cosine_to_init_is_one_at_the_start_and_falls_as_rows_turn():
