@@ -624,12 +624,13 @@ def _standardize(model: core.USAE, stats: dict, means: dict | None) -> None:
                               None if means is None else {n: means[n] for n in model.names})
 
 
-def train_usae(exp: Experiment, train_cache: cache_lib.Cache, *,
-               progress: bool | None = None) -> core.USAE:
+def train_usae(exp: Experiment, train_cache: cache_lib.Cache, *, progress: bool | None = None,
+               statistics: tuple | None = None) -> core.USAE:
     """Train (or resume, or load) the USAE; its checkpoint is ``<out>/usae.safetensors``;
-    ``progress`` None: :func:`progress_bars`."""
+    ``progress`` None: :func:`progress_bars`; ``statistics``: :func:`cache_statistics` when
+    already read."""
     progress = progress_bars() if progress is None else progress
-    return _train_one(exp, train_cache, None, progress=progress)
+    return _train_one(exp, train_cache, None, progress=progress, statistics=statistics)
 
 
 def import_usae(exp: Experiment, train_cache: cache_lib.Cache) -> core.USAE:
@@ -642,11 +643,13 @@ def import_usae(exp: Experiment, train_cache: cache_lib.Cache) -> core.USAE:
 
 
 def train_independent(exp: Experiment, train_cache: cache_lib.Cache, *,
-                      progress: bool | None = None) -> dict[str, core.USAE]:
+                      progress: bool | None = None,
+                      statistics: tuple | None = None) -> dict[str, core.USAE]:
     """One ordinary TopK SAE per model, same core, same tokens, same sizes (section 4.4),
-    one after another; ``progress`` None: :func:`progress_bars`."""
+    one after another; ``progress`` None: :func:`progress_bars`; ``statistics``:
+    :func:`cache_statistics` when already read."""
     progress = progress_bars() if progress is None else progress
-    statistics = cache_statistics(exp, train_cache)  # a pass over the sample: once for all
+    statistics = statistics or cache_statistics(exp, train_cache)  # a pass over the sample
     return {name: _train_one(exp, train_cache, name, progress=progress, statistics=statistics)
             for name in exp.names}
 
@@ -669,8 +672,9 @@ def train_models(exp: Experiment, train_cache: cache_lib.Cache, *, workers: int 
     this process.
     """
     progress = progress_bars() if progress is None else progress
+    statistics = cache_statistics(exp, train_cache)  # a pass over the sample: once for all models
     model = import_usae(exp, train_cache) if exp.checkpoint else \
-        train_usae(exp, train_cache, progress=progress)
+        train_usae(exp, train_cache, progress=progress, statistics=statistics)
     widths = dict(zip(exp.names, train_cache.widths.values()))
     jobs = sorted(exp.names, key=lambda name: -widths[name])  # longest first: none idles at the end
     budget = torch.get_num_threads()
@@ -678,8 +682,10 @@ def train_models(exp: Experiment, train_cache: cache_lib.Cache, *, workers: int 
         workers = 1 if exp.device != "cpu" else len(jobs)
     checks.require_positive_int(workers, "workers")
     if workers == 1:
-        return model, train_independent(exp, train_cache, progress=progress)
-    _train_side_by_side(exp, train_cache, jobs, workers, max(1, budget // workers), progress)
+        return model, train_independent(exp, train_cache, progress=progress,
+                                        statistics=statistics)
+    _train_side_by_side(exp, train_cache, jobs, workers, max(1, budget // workers), progress,
+                        statistics)
     return model, {name: sae.eval() for name, sae in load_independent(exp).items()}
 
 
@@ -725,9 +731,10 @@ class _Counted:
 
 
 def _train_side_by_side(exp: Experiment, train_cache: cache_lib.Cache, jobs: list[str],
-                        workers: int, threads: int, progress: bool) -> None:
-    """Train the independent SAE of every model in ``jobs`` in a pool of spawned processes;
-    one progress bar over all their steps. An error in a job, or an interrupt, stops every job
+                        workers: int, threads: int, progress: bool, statistics: tuple) -> None:
+    """Train the independent SAE of every model in ``jobs`` in a pool of spawned processes
+    (``statistics``: :func:`cache_statistics`, read once by the caller); one progress bar over
+    all their steps. An error in a job, or an interrupt, stops every job
     (each keeps its last checkpoint, and a re-run resumes it)."""
     context = multiprocessing.get_context("spawn")  # forking a process that has run torch hangs
     done = context.Array("q", len(jobs), lock=False)
@@ -735,7 +742,7 @@ def _train_side_by_side(exp: Experiment, train_cache: cache_lib.Cache, jobs: lis
     pool = context.Pool(workers, initializer=_start_worker, initargs=(done, threads))
     try:
         results = [pool.apply_async(_worker_job, (dataclasses.asdict(exp), str(train_cache.path),
-                                                  job, index))
+                                                  job, index, statistics))
                    for index, job in enumerate(jobs)]
         with tqdm(total=total, disable=not progress, desc=f"independent SAEs ({workers} "
                   "processes)", unit="step") as bar:
@@ -764,10 +771,11 @@ def _start_worker(done, threads: int) -> None:
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def _worker_job(fields: dict, cache_path: str, job: str, index: int) -> None:
+def _worker_job(fields: dict, cache_path: str, job: str, index: int, statistics: tuple) -> None:
     exp = Experiment(**fields)
     train_cache = cache_lib.open_cache(cache_path, verify="size")  # the parent verified it
-    _train_one(exp, train_cache, job, progress=False, counted=(_worker_done, index))
+    _train_one(exp, train_cache, job, progress=False, statistics=statistics,
+               counted=(_worker_done, index))
 
 
 def load_usae(exp: Experiment) -> core.USAE:
